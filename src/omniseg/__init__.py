@@ -1,0 +1,14 @@
+"""omniseg: semantic, instance and panoptic segmentation in one PyTorch toolkit."""
+
+from omniseg.structures import Category, CategoryTable, Instances, Sample, Segments
+
+__version__ = "0.1.0"
+
+__all__ = ["Category", "CategoryTable", "Instances", "Sample", "Segments", "load", "__version__"]
+
+
+def load(name_or_path: str = "camvid-deeplabv3plus-lite0", *, device: str = "cpu"):
+    """Load a model by zoo name or checkpoint path; returns a :class:`omniseg.predictor.Predictor`."""
+    from omniseg.predictor import load_predictor
+
+    return load_predictor(name_or_path, device=device)

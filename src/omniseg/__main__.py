@@ -1,0 +1,3 @@
+from omniseg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""The ``omniseg`` command: train, evaluate, segment, show."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from omniseg.data.images import DataError
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", type=Path)
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.ckpt exactly")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate prediction files against ground truth, or a checkpoint on a dataset split",
+    )
+    p.add_argument("--task", choices=["semantic", "instance", "panoptic"], default=None)
+    p.add_argument("--gt-json", type=Path)
+    p.add_argument("--gt-dir", type=Path)
+    p.add_argument("--pred-json", type=Path)
+    p.add_argument("--pred-dir", type=Path)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--ignore-index", type=int, default=255)
+    p.add_argument("--workers", type=int, default=None, help="processes for panoptic evaluation (default: all cores)")
+    p.add_argument("--checkpoint", help="zoo name or checkpoint path (with --data)")
+    p.add_argument("--data", help="dataset split as FORMAT:ROOT:SPLIT (e.g. camvid:../shared/data/camvid:val)")
+    p.add_argument("--flip", action="store_true", help="test-time horizontal flip")
+    p.add_argument("--scales", type=float, nargs="+", default=None, help="test-time scales, e.g. 0.75 1 1.25")
+    p.add_argument("--crf", action="store_true", help="dense CRF refinement")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _add_segment(sub) -> None:
+    p = sub.add_parser("segment", help="segment an image or every image in a folder")
+    p.add_argument("input", type=Path)
+    p.add_argument("--model", default=None, help="zoo name or checkpoint path (default: the shipped CamVid model)")
+    p.add_argument("--out", type=Path, default=Path("out"))
+    p.add_argument("--crf", action="store_true", help="dense CRF refinement")
+    p.add_argument("--flip", action="store_true", default=None, help="test-time horizontal flip")
+    p.add_argument("--force", action="store_true", help="redo images whose outputs already exist")
+    p.add_argument("--device", default="cpu")
+
+
+def _add_show(sub) -> None:
+    p = sub.add_parser("show", help="draw a dataset sample's ground truth")
+    p.add_argument("data", help="FORMAT:ROOT[:SPLIT], e.g. camvid:../shared/data/camvid:train")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--view", choices=["semantic", "instance", "panoptic"], default="panoptic")
+    p.add_argument("--out", type=Path, default=Path("show.png"))
+
+
+def parse_data_arg(text: str) -> dict:
+    """``FORMAT:ROOT[:SPLIT]`` -> a dataset spec for :func:`omniseg.data.open_dataset`."""
+    parts = text.split(":")
+    if len(parts) < 2:
+        raise DataError(f"--data {text!r}: expected FORMAT:ROOT[:SPLIT], e.g. camvid:../shared/data/camvid:val")
+    spec = {"format": parts[0], "root": parts[1]}
+    if len(parts) > 2 and parts[2]:
+        spec["split"] = parts[2]
+    return spec
+
+
+def cmd_train(args) -> int:
+    from omniseg.engine.config import load_config
+    from omniseg.engine.train import train
+
+    config = load_config(args.config, args.overrides)
+    out = train(config, resume=args.resume)
+    print(f"done: checkpoint {out / 'best.safetensors'}, curve {out / 'training_curve.png'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from omniseg.metrics.table import format_table
+
+    if args.checkpoint:
+        if not args.data:
+            raise DataError("--checkpoint needs --data FORMAT:ROOT:SPLIT")
+        from omniseg.engine.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(
+            args.checkpoint, parse_data_arg(args.data), flip=args.flip, scales=args.scales, crf=args.crf
+        )
+        task = "semantic"
+        categories = result.pop("_categories", None)
+    else:
+        from omniseg.metrics import files
+
+        categories = None
+        if args.task == "panoptic":
+            _require(args, "gt_json", "gt_dir", "pred_json", "pred_dir")
+            result = files.evaluate_panoptic_files(
+                args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, workers=args.workers
+            )
+        elif args.task == "semantic":
+            _require(args, "gt_dir", "pred_dir", "num_classes")
+            result = files.evaluate_semantic_dirs(
+                args.gt_dir, args.pred_dir, num_classes=args.num_classes, ignore_index=args.ignore_index
+            )
+        elif args.task == "instance":
+            _require(args, "gt_json", "pred_json")
+            result = files.evaluate_instance_files(args.gt_json, args.pred_json)
+        else:
+            raise DataError("evaluate needs --task {semantic,instance,panoptic} or --checkpoint with --data")
+        task = args.task
+    if args.json:
+        print(json.dumps(result, default=float))
+    else:
+        print(format_table(result, task, categories))
+    return 0
+
+
+def _require(args, *names: str) -> None:
+    missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n) is None]
+    if missing:
+        raise DataError(f"evaluate --task {args.task} needs {' '.join(missing)}")
+
+
+def cmd_segment(args) -> int:
+    from omniseg.segment import segment_paths
+
+    return segment_paths(
+        args.input, args.out, model=args.model, crf=args.crf, flip=args.flip, force=args.force, device=args.device
+    )
+
+
+def cmd_show(args) -> int:
+    from omniseg.show import show_sample
+
+    path = show_sample(parse_data_arg(args.data), args.index, args.out, args.view)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omniseg", description=__doc__)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_segment(sub)
+    _add_show(sub)
+    args = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "segment": cmd_segment, "show": cmd_show}
+    from omniseg.engine.checkpoint import CheckpointError
+
+    try:
+        return handlers[args.command](args)
+    except (DataError, CheckpointError, FileNotFoundError, FloatingPointError) as exc:
+        print(f"omniseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # metrics and structures raise ValueError with the file or field named
+        print(f"omniseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"omniseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    from omniseg import __version__
+
+    return f"omniseg {__version__}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

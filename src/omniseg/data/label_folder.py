@@ -1,0 +1,134 @@
+"""Label-image folders with a class table and an ignore index (CamVid, Pascal VOC, ADE20K style).
+
+A split is either a list file of ``image label`` pairs (CamVid's ``train.txt``) or two folders
+paired by file stem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from omniseg.data.images import DataError, list_images, load_image, load_label_map
+from omniseg.structures import Category, CategoryTable, Sample, Segments, default_color
+
+CAMVID_CLASSES = (
+    "sky", "building", "pole", "road", "pavement", "tree",
+    "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
+)  # fmt: skip
+# The SegNet colour convention, so overlays look like the CamVid papers.
+CAMVID_COLORS = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)  # fmt: skip
+CAMVID_IGNORE = 11
+
+
+def camvid_categories() -> CategoryTable:
+    things = {"car", "pedestrian", "bicyclist"}
+    return CategoryTable(
+        tuple(Category(i, n, n in things, CAMVID_COLORS[i]) for i, n in enumerate(CAMVID_CLASSES))
+    )
+
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+
+def voc_categories() -> CategoryTable:
+    return CategoryTable(
+        tuple(Category(i, n, i > 0, default_color(i)) for i, n in enumerate(VOC_CLASSES))
+    )
+
+
+class LabelFolderDataset:
+    """Image + single-channel label pairs; pixel value = category id, ``ignore_index`` = void."""
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path]],
+        *,
+        categories: CategoryTable,
+        ignore_index: int = 255,
+    ) -> None:
+        self.pairs = [(Path(i), Path(lab)) for i, lab in pairs]
+        self.categories = categories
+        self.ignore_index = ignore_index
+        self._valid = np.zeros(max(max(categories.ids), ignore_index) + 1, dtype=bool)
+        self._valid[categories.ids] = True
+        self._valid[ignore_index] = True
+
+    @classmethod
+    def from_list_file(
+        cls, list_file: str | Path, *, root: str | Path | None = None, **kwargs
+    ) -> LabelFolderDataset:
+        list_file = Path(list_file)
+        if not list_file.is_file():
+            raise DataError(f"{list_file}: split list not found")
+        root = Path(root) if root is not None else list_file.parent
+        pairs = []
+        for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise DataError(f"{list_file}:{lineno}: expected 'IMAGE LABEL', got {line!r}")
+            # CamVid's lists carry SegNet's absolute paths; keep only the part below the root.
+            image, label = (root / Path(p).parent.name / Path(p).name for p in parts)
+            pairs.append((image, label))
+        return cls(pairs, **kwargs)
+
+    @classmethod
+    def from_folders(
+        cls, image_dir: str | Path, label_dir: str | Path, *, label_suffix: str = ".png", **kwargs
+    ) -> LabelFolderDataset:
+        label_dir = Path(label_dir)
+        pairs = []
+        for image in list_images(image_dir):
+            label = label_dir / (image.stem + label_suffix)
+            if not label.is_file():
+                raise DataError(f"{label}: label file for image {image} not found")
+            pairs.append((image, label))
+        return cls(pairs, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(image (H, W, 3) uint8, label (H, W) int64)`` with the label checked against the class table."""
+        image_path, label_path = self.pairs[index]
+        image = load_image(image_path)
+        label = load_label_map(label_path, expected_size=image.shape[:2]).astype(np.int64)
+        high = int(label.max(initial=0))
+        if high >= len(self._valid) or not self._valid[np.unique(label)].all():
+            bad = sorted(set(np.unique(label).tolist()) - set(self.categories.ids) - {self.ignore_index})
+            raise DataError(
+                f"{label_path}: unknown category id(s) {bad}; known ids {self.categories.ids}, "
+                f"ignore index {self.ignore_index}"
+            )
+        return image, label
+
+    def __getitem__(self, index: int) -> Sample:
+        image, label = self.load_pair(index)
+        segments = Segments.from_semantic(label, categories=self.categories, ignore_index=self.ignore_index)
+        return Sample(image, segments, image_id=index, file_name=self.pairs[index][0].name)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def camvid(root: str | Path, split: str) -> LabelFolderDataset:
+    """CamVid (SegNet 11-class version) split ``train``, ``val``, ``test`` or ``trainval``."""
+    root = Path(root)
+    splits = ["train", "val"] if split == "trainval" else [split]
+    pairs: list[tuple[Path, Path]] = []
+    for name in splits:
+        pairs += LabelFolderDataset.from_list_file(
+            root / f"{name}.txt", categories=camvid_categories(), ignore_index=CAMVID_IGNORE
+        ).pairs
+    return LabelFolderDataset(pairs, categories=camvid_categories(), ignore_index=CAMVID_IGNORE)

@@ -1,0 +1,126 @@
+"""The Lightning module every omniseg method trains through.
+
+It owns optimisation (AdamW, warm-up + poly decay), logging, validation metrics and the RNG
+state that ``--resume`` needs; the model owns its losses (``model(images, targets)`` returns a
+dict of named losses) and its inference (``model(images)``).
+"""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from omniseg.metrics.semantic import SemanticMetric
+
+
+class SemanticTask(L.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_classes: int,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        backbone_lr_mult: float = 1.0,
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+        poly_power: float = 0.9,
+        val_flip: bool = False,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.backbone_lr_mult = backbone_lr_mult
+        self.warmup_steps = warmup_steps
+        self.total_steps = max(total_steps, 1)
+        self.poly_power = poly_power
+        self.val_flip = val_flip
+        self.ignore_index = ignore_index
+        self.metric = SemanticMetric(num_classes, ignore_index=ignore_index)
+        self.last_val: dict = {}
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        losses = self.model(images, {"semantic": labels})
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss at step {self.global_step} ({ {k: float(v) for k, v in losses.items()} }); "
+                "stopping. The last good checkpoint is left untouched."
+            )
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=len(images))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
+        self.log("lr", self.optimizers().param_groups[-1]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    # ---------------------------------------------------------------- validation
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model(images)
+        if self.val_flip:
+            logits = logits + self.model(images.flip(-1)).flip(-1)
+        return logits
+
+    def on_validation_epoch_start(self) -> None:
+        self.metric = SemanticMetric(self.num_classes, ignore_index=self.ignore_index)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        pred = self.predict_logits(images).argmax(1)
+        self.metric.update(pred.cpu().numpy(), labels.cpu().numpy())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.world_size > 1:
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, self.metric)
+            merged = gathered[0]
+            for other in gathered[1:]:
+                merged.merge(other)
+            self.metric = merged
+        result = self.metric.compute()
+        self.last_val = result
+        self.log("val/miou", float(result["miou"]), prog_bar=True, sync_dist=False)
+        self.log("val/pixel_accuracy", float(result["pixel_accuracy"]), sync_dist=False)
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        backbone, rest = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (backbone if name.startswith("backbone.") else rest).append(param)
+        groups = [{"params": rest, "lr": self.lr}]
+        if backbone:
+            groups.insert(0, {"params": backbone, "lr": self.lr * self.backbone_lr_mult})
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+
+        def factor(step: int) -> float:
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
+            return (1.0 - progress) ** self.poly_power
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- exact resume
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["omniseg_rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("omniseg_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])

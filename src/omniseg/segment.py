@@ -1,0 +1,80 @@
+"""``omniseg segment``: overlay PNG, label PNG and segments JSON for an image or a folder of images."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from omniseg.data.images import IMAGE_SUFFIXES, DataError, list_images, load_image
+from omniseg.engine.checkpoint import atomic_write_bytes
+from omniseg.predictor import DEFAULT_MODEL, dump_json, load_predictor, segments_json
+
+
+def output_paths(out_dir: Path, image_path: Path) -> tuple[Path, Path, Path]:
+    stem = image_path.stem
+    return out_dir / f"{stem}_overlay.png", out_dir / f"{stem}_labels.png", out_dir / f"{stem}.json"
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def segment_paths(
+    input_path: Path,
+    out_dir: Path,
+    *,
+    model: str | None = None,
+    crf: bool = False,
+    flip: bool | None = None,
+    force: bool = False,
+    device: str = "cpu",
+) -> int:
+    """Segment one image or every image in a folder; returns a process exit code (0, or 1 if any failed)."""
+    from omniseg.visualize import overlay
+
+    input_path = Path(input_path)
+    if input_path.is_dir():
+        images = list_images(input_path)
+        if not images:
+            raise DataError(f"{input_path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    elif input_path.is_file():
+        images = [input_path]
+    else:
+        raise DataError(f"{input_path}: no such image or folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in images if force or not all(o.is_file() for o in output_paths(out_dir, p))]
+    skipped = len(images) - len(todo)
+    if skipped:
+        print(f"skipping {skipped} image(s) already segmented in {out_dir} (use --force to redo)", file=sys.stderr)
+    if not todo:
+        return 0
+    predictor = load_predictor(model or DEFAULT_MODEL, device=device)
+    failed = []
+    for path in tqdm(todo, desc="segment", unit="img", disable=len(todo) == 1, file=sys.stderr):
+        try:
+            image = load_image(path)
+        except DataError as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            failed.append(path)
+            continue
+        segments = predictor.predict(image, crf=crf, flip=flip)
+        overlay_path, labels_path, json_path = output_paths(out_dir, path)
+        labels = segments.to_semantic(void_value=255)
+        if labels.max(initial=0) > 255:
+            raise DataError(f"{path}: category ids above 255 do not fit a label PNG")
+        atomic_write_bytes(labels_path, _png_bytes(labels.astype(np.uint8)))
+        atomic_write_bytes(overlay_path, _png_bytes(overlay(image, segments, view="semantic")))
+        atomic_write_bytes(json_path, dump_json(segments_json(segments, image_path=str(path), model=predictor.name)).encode())
+        if len(todo) == 1:
+            print(f"wrote {overlay_path}, {labels_path}, {json_path}")
+    if failed:
+        print(f"{len(failed)} of {len(todo)} image(s) could not be read and were skipped", file=sys.stderr)
+        return 1
+    return 0

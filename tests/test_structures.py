@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+
+from omniseg.structures import CategoryTable, Segments, id_to_rgb, rgb_to_id
+
+
+@pytest.fixture
+def categories():
+    return CategoryTable.from_names(["road", "car", "person"], isthing=[False, True, True], start_id=1)
+
+
+def _panoptic(categories):
+    id_map = np.zeros((6, 8), dtype=np.int32)
+    id_map[:, :4] = 10  # road
+    id_map[1:3, 4:6] = 20  # car A
+    id_map[3:5, 4:7] = 21  # car B
+    id_map[0, 7] = 30  # person (crowd)
+    info = [
+        {"id": 10, "category_id": 1},
+        {"id": 20, "category_id": 2},
+        {"id": 21, "category_id": 2},
+        {"id": 30, "category_id": 3, "iscrowd": 1},
+    ]
+    return Segments.from_panoptic(id_map, info, categories=categories), id_map
+
+
+def test_three_views_of_one_panoptic_set(categories):
+    seg, id_map = _panoptic(categories)
+    semantic = seg.to_semantic(void_value=255)
+    assert semantic[0, 0] == 1 and semantic[1, 4] == 2 and semantic[0, 7] == 3 and semantic[0, 5] == 255
+    inst = seg.to_instances()
+    assert len(inst) == 2  # the crowd person is left out, road is stuff
+    np.testing.assert_array_equal(inst.boxes[np.argsort(inst.boxes[:, 1])], [[4, 1, 6, 3], [4, 3, 7, 5]])
+    pan_map, info = seg.to_panoptic()
+    np.testing.assert_array_equal(pan_map, id_map)
+    assert [s["area"] for s in info] == [24, 4, 6, 1]
+
+
+def test_training_targets_for_each_task(categories):
+    seg, _ = _panoptic(categories)
+    sem = seg.training_targets("semantic")
+    assert sem["category_ids"].tolist() == [1, 2, 3]
+    assert sem["masks"][1].sum() == 10  # both cars merged
+    inst = seg.training_targets("instance")
+    assert inst["category_ids"].tolist() == [2, 2]
+    pan = seg.training_targets("panoptic")
+    assert pan["category_ids"].tolist() == [1, 2, 2]
+    with pytest.raises(ValueError, match="unknown task"):
+        seg.training_targets("depth")
+
+
+def test_overlapping_masks_roundtrip_through_rle(categories):
+    rng = np.random.default_rng(0)
+    masks = rng.random((5, 20, 30)) > 0.6
+    seg = Segments.from_masks(masks, [2, 3, 2, 2, 3], categories=categories, scores=[0.1, 0.9, 0.5, 0.3, 0.2])
+    assert seg.overlapping
+    np.testing.assert_array_equal(seg.masks(), masks)
+    np.testing.assert_array_equal(seg.areas(), masks.sum((1, 2)))
+    # panoptic view: the most confident segment owns an overlapped pixel
+    pan, _ = seg.to_panoptic()
+    both = masks[1] & masks[2]
+    assert (pan[both] == seg.segment_ids[1]).all()
+
+
+def test_semantic_roundtrip_and_ignore(categories):
+    label = np.array([[1, 1, 2], [255, 3, 3]])
+    seg = Segments.from_semantic(label, categories=categories, ignore_index=255)
+    assert seg.category_ids.tolist() == [1, 2, 3]
+    np.testing.assert_array_equal(seg.to_semantic(void_value=255), label)
+    with pytest.raises(ValueError, match="unknown category id"):
+        Segments.from_semantic(np.array([[7]]), categories=categories)
+
+
+def test_large_image_uses_one_id_map_not_dense_masks(categories):
+    h, w, n = 3000, 4000, 300
+    id_map = (np.arange(h * w, dtype=np.int32).reshape(h, w) // (h * w // n + 1)) + 1
+    info = [{"id": i + 1, "category_id": 1 + i % 3} for i in range(n)]
+    seg = Segments.from_panoptic(id_map, info, categories=categories)
+    assert seg.id_map.nbytes == h * w * 4  # 48 MB, not 300 x 12 Mpx
+    assert seg.mask(5).sum() == (id_map == 6).sum()
+    assert seg.areas().sum() == h * w
+
+
+def test_rgb_id_conversion_roundtrip():
+    ids = np.array([[0, 255, 2586368], [16770360, 16711691, 1]])
+    np.testing.assert_array_equal(rgb_to_id(id_to_rgb(ids)), ids)
+
+
+def test_category_table_rejects_duplicates_and_unknown_ids(categories):
+    with pytest.raises(ValueError, match="duplicate"):
+        CategoryTable.from_dicts([{"id": 1, "name": "a"}, {"id": 1, "name": "b"}])
+    with pytest.raises(KeyError, match="unknown category id 9"):
+        categories.index_of(9)
+    assert categories.id_lookup()[3] == 2
