@@ -114,7 +114,8 @@ class SemanticTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["omniseg_rng"] = {
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            # numpy's state as tensors/ints: Lightning reloads checkpoints with weights_only=True
+            "numpy": _numpy_state_to_tensors(np.random.get_state()),
             "python": random.getstate(),
         }
 
@@ -122,5 +123,11 @@ class SemanticTask(L.LightningModule):
         rng = checkpoint.get("omniseg_rng")
         if rng:
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
             random.setstate(rng["python"])
+
+
+def _numpy_state_to_tensors(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)

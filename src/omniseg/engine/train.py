@@ -13,6 +13,7 @@ Config sections (see ``configs/*.yaml``):
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -74,11 +75,28 @@ class CheckpointAndCurves(Callback):
                         "recipe": self.recipe,
                     },
                 )
-            plot_training_curves(Path(trainer.logger.log_dir) / "metrics.csv", self.out_dir / "training_curve.png")
+            plot_training_curves(sorted((self.out_dir / "logs").glob("version_*/metrics.csv")),
+                                 self.out_dir / "training_curve.png")
+
+    def on_train_end(self, trainer: L.Trainer, module: SemanticTask) -> None:
+        # Cheap guard for multi-process training: every rank must end with the same weights.
+        digest = hashlib.sha256()
+        for value in module.model.state_dict().values():
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        digests = [digest.hexdigest()]
+        if trainer.world_size > 1:
+            digests = [None] * trainer.world_size
+            torch.distributed.all_gather_object(digests, digest.hexdigest())
+        if trainer.is_global_zero:
+            atomic_write_json(
+                self.out_dir / "ranks.json",
+                {"world_size": trainer.world_size, "weights_sha256": digests, "identical": len(set(digests)) == 1},
+            )
 
 
-def plot_training_curves(metrics_csv: Path, out_png: Path) -> None:
-    if not metrics_csv.is_file():
+def plot_training_curves(metrics_csvs: list[Path], out_png: Path) -> None:
+    """Train loss and val mIoU per epoch, across every (resumed) run segment."""
+    if not metrics_csvs:
         return
     import matplotlib
 
@@ -86,14 +104,15 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     loss_x, loss_y, val_x, val_y = [], [], [], []
-    with open(metrics_csv) as f:
-        for row in csv.DictReader(f):
-            if row.get("train/loss_epoch"):
-                loss_x.append(int(row["epoch"]))
-                loss_y.append(float(row["train/loss_epoch"]))
-            if row.get("val/miou"):
-                val_x.append(int(row["epoch"]))
-                val_y.append(float(row["val/miou"]) * 100)
+    for metrics_csv in metrics_csvs:
+        with open(metrics_csv) as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss_epoch"):
+                    loss_x.append(int(row["epoch"]))
+                    loss_y.append(float(row["train/loss_epoch"]))
+                if row.get("val/miou"):
+                    val_x.append(int(row["epoch"]))
+                    val_y.append(float(row["val/miou"]) * 100)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(loss_x, loss_y, color="tab:blue", label="train loss")
     ax.set_xlabel("epoch")
@@ -161,13 +180,14 @@ def build_training(config: dict) -> tuple[L.Trainer, SemanticTask, DataLoader, D
         poly_power=float(train_cfg.get("poly_power", 0.9)),
         val_flip=bool(train_cfg.get("val_flip", False)),
     )
-    loggers: list = [CSVLogger(out_dir, name="logs", version="")]
+    # auto-numbered versions: a resumed run appends logs/version_N instead of overwriting history
+    loggers: list = [CSVLogger(out_dir, name="logs")]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         import tensorboard  # noqa: F401
 
-        loggers.append(TensorBoardLogger(out_dir, name="tb", version=""))
+        loggers.append(TensorBoardLogger(out_dir, name="tb"))
     except ImportError:
         pass
     recipe = {"data": data_cfg, "train": train_cfg}
