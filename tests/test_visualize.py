@@ -162,7 +162,7 @@ def test_large_image_many_segments_is_fast_and_lean(storage: str) -> None:
         tracemalloc.stop()
     assert out.shape[:2] >= (h, w) and out.dtype == np.uint8
     assert peak < 400e6, f"peak {peak / 1e6:.0f} MB"  # measured ~190 MB; a mask stack would be 3600 MB
-    assert elapsed < 15, f"{elapsed:.1f} s"  # measured 1-2 s on 2 CPU cores
+    assert elapsed < 60, f"{elapsed:.1f} s"  # measured 1-3 s on 2 idle CPU cores; loose for loaded CI
 
 
 def test_save_png_and_show_sample(tmp_path: Path, shared_data: Path) -> None:

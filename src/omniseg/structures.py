@@ -253,7 +253,9 @@ class Segments:
         ``scores`` optionally gives a per-category-id score (e.g. the mean confidence).
         """
         label_map = np.asarray(label_map)
-        present = np.unique(label_map)
+        if label_map.dtype.kind not in "iu" or label_map.min(initial=0) < 0:
+            raise ValueError(f"label map must hold non-negative integers, got dtype {label_map.dtype}")
+        present = np.flatnonzero(np.bincount(label_map.ravel()))
         if ignore_index is not None:
             present = present[present != ignore_index]
         if categories is not None:
@@ -330,19 +332,39 @@ class Segments:
             return self._rles
         return [_as_rle(self.mask(i)) for i in range(len(self))]
 
+    def _index_map(self) -> np.ndarray:
+        """Id map as segment positions ``1..N`` (0 = void or an id no segment lists).
+
+        COCO panoptic ids reach 256^3, so a lookup table indexed by id would be huge;
+        ``searchsorted`` over the N sorted ids keeps the cost O(H*W*log N) with no big table.
+        """
+        assert self._id_map is not None
+        order = np.argsort(self.segment_ids, kind="stable")
+        sorted_ids = self.segment_ids[order]
+        if not len(sorted_ids):
+            return np.zeros(self.image_size, dtype=np.int32)
+        pos = np.searchsorted(sorted_ids, self._id_map).clip(max=len(sorted_ids) - 1)
+        hit = sorted_ids[pos] == self._id_map
+        return np.where(hit, order[pos] + 1, 0).astype(np.int32)
+
     def areas(self) -> np.ndarray:
         if self._id_map is not None:
-            if not len(self):
-                return np.zeros(0, dtype=np.int64)
-            ids, counts = np.unique(self._id_map, return_counts=True)
-            lookup = dict(zip(ids.tolist(), counts.tolist(), strict=True))
-            return np.array([lookup.get(int(s), 0) for s in self.segment_ids], dtype=np.int64)
+            return np.bincount(self._index_map().ravel(), minlength=len(self) + 1)[1:].astype(np.int64)
         return np.asarray(mask_utils.area(self._rles), dtype=np.int64).reshape(-1)
 
     def boxes(self) -> np.ndarray:
         """``(N, 4) float32`` tight boxes (x1, y1, x2, y2), x2/y2 exclusive; zeros for empty masks."""
         if not len(self):
             return np.zeros((0, 4), dtype=np.float32)
+        if self._id_map is not None:
+            from scipy.ndimage import find_objects
+
+            boxes = np.zeros((len(self), 4), dtype=np.float32)
+            for i, found in enumerate(find_objects(self._index_map(), max_label=len(self))):
+                if found is not None:
+                    rows, cols = found
+                    boxes[i] = (cols.start, rows.start, cols.stop, rows.stop)
+            return boxes
         xywh = np.asarray(mask_utils.toBbox(self.rles()), dtype=np.float32).reshape(-1, 4)
         return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
 
@@ -379,10 +401,8 @@ class Segments:
         """
         h, w = self.image_size
         if self._id_map is not None:
-            lut = np.full(int(max(self._id_map.max(initial=0), self.segment_ids.max(initial=0))) + 1,
-                          void_value, dtype=np.int64)
-            lut[self.segment_ids] = self.category_ids
-            return lut[self._id_map]
+            lut = np.concatenate([[void_value], self.category_ids]).astype(np.int64)
+            return lut[self._index_map()]
         label = np.full((h, w), void_value, dtype=np.int64)
         for i in np.argsort(self.scores, kind="stable"):
             label[self.mask(i)] = self.category_ids[i]
