@@ -42,7 +42,7 @@ def load_image(path: str | Path) -> np.ndarray:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image)
-    return np.asarray(image.convert("RGB"))
+    return np.array(image.convert("RGB"))  # writable: torch.from_numpy warns on read-only arrays
 
 
 def load_label_map(path: str | Path, *, expected_size: tuple[int, int] | None = None) -> np.ndarray:

@@ -32,10 +32,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask_mode(path: str) -> None:
+    """mkstemp creates 0600 files; give the final file the mode a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -61,6 +69,7 @@ def save_checkpoint(
 ) -> tuple[Path, Path]:
     """Write weights and metadata; ``half`` stores float tensors as float16 (loaded back as float32)."""
     weights_path, meta_path = checkpoint_paths(path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {}
     for key, value in model.state_dict().items():
         value = value.detach().cpu().contiguous()
@@ -71,6 +80,7 @@ def save_checkpoint(
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": "omniseg"})
+        _umask_mode(tmp)
         os.replace(tmp, weights_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -153,7 +153,8 @@ def build_training(config: dict) -> tuple[L.Trainer, SemanticTask, DataLoader, D
     if model_cfg.get("class_weights") == "auto":
         model_cfg["class_weights"] = class_weights_from_labels(train_set, model_cfg["num_classes"])
     model = build_model(model_cfg)
-    model_cfg.pop("pretrained_backbone", None)
+    # the checkpoint records every builder argument (defaults included), and carries all weights itself
+    model_cfg = {k: v for k, v in getattr(model, "config", model_cfg).items() if k != "pretrained_backbone"}
 
     workers = int(data_cfg.get("num_workers", 0))
     batch_size = int(data_cfg.get("batch_size", 8))
@@ -183,9 +184,8 @@ def build_training(config: dict) -> tuple[L.Trainer, SemanticTask, DataLoader, D
     # auto-numbered versions: a resumed run appends logs/version_N instead of overwriting history
     loggers: list = [CSVLogger(out_dir, name="logs")]
     try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         import tensorboard  # noqa: F401
+        from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(out_dir, name="tb"))
     except ImportError:

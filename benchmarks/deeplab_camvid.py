@@ -1,0 +1,90 @@
+"""CamVid val accuracy of a semantic checkpoint under each inference option, with time per image.
+
+Variants: single scale; horizontal flip; flip + scales (1.0, 1.25, 1.5); and each of those with the
+dense CRF. Prints a markdown table (class-average mIoU, pixel accuracy, ms/image) and per-class
+IoU of the best variant.
+
+    python benchmarks/deeplab_camvid.py [--checkpoint camvid-deeplabv3plus-lite0] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omniseg.data import open_dataset
+from omniseg.metrics.semantic import SemanticMetric
+from omniseg.models.crf import dense_crf
+from omniseg.predictor import load_predictor
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
+
+
+def evaluate(predictor, dataset, *, flip: bool, scales, crf: bool, limit: int | None) -> tuple[dict, float]:
+    cats = predictor.categories
+    lookup = cats.id_lookup(fill=255)
+    metric = SemanticMetric(len(cats), ignore_index=255)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    elapsed = 0.0
+    for i in range(n):
+        image, label = dataset.load_pair(i)
+        gt = np.where(label == dataset.ignore_index, 255, lookup[np.minimum(label, len(lookup) - 1)])
+        start = time.perf_counter()
+        prob = predictor.semantic_probabilities(image, flip=flip, scales=scales)
+        if crf:
+            prob = dense_crf(image, prob)
+        pred = prob.argmax(0).numpy()
+        elapsed += time.perf_counter() - start
+        metric.update(pred, gt)
+    return metric.compute(), elapsed / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", default="camvid-deeplabv3plus-lite0")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-crf", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.data.is_dir():
+        raise SystemExit(f"CamVid not found at {args.data}")
+    predictor = load_predictor(args.checkpoint)
+    dataset = open_dataset({"format": "camvid", "root": str(args.data), "split": args.split})
+    variants = [("single scale", False, (1.0,)), ("flip", True, (1.0,)), ("flip + scales 1, 1.25, 1.5", True, (1.0, 1.25, 1.5))]
+    rows, results = [], {}
+    for name, flip, scales in variants:
+        for crf in (False,) if args.no_crf else (False, True):
+            label = name + (" + CRF" if crf else "")
+            res, sec = evaluate(predictor, dataset, flip=flip, scales=scales, crf=crf, limit=args.limit)
+            results[label] = res
+            rows.append((label, res["miou"] * 100, res["pixel_accuracy"] * 100, sec * 1000))
+    print(f"checkpoint {args.checkpoint}, CamVid {args.split} ({args.limit or len(dataset)} images), "
+          f"{args.threads} threads\n")
+    print("| inference | mIoU (%) | pixel acc (%) | ms / image |")
+    print("|---|---:|---:|---:|")
+    for label, miou, acc, ms in rows:
+        print(f"| {label} | {miou:.2f} | {acc:.2f} | {ms:.0f} |")
+    best = max(results, key=lambda k: results[k]["miou"])
+    print(f"\nper-class IoU ({best}):\n")
+    print("| " + " | ".join(predictor.categories.names) + " |")
+    print("|" + "---:|" * len(predictor.categories))
+    print("| " + " | ".join(f"{v * 100:.1f}" for v in results[best]["per_class_iou"]) + " |")
+    base = results["single scale"]["miou"]
+    summary = " ".join(
+        f"miou_{k.replace(' + ', '_').replace(' ', '_').replace(',', '')}={v['miou'] * 100:.2f}" for k, v in results.items()
+    )
+    crf_delta = ""
+    if not args.no_crf:
+        crf_delta = f" crf_delta_single={(results['single scale + CRF']['miou'] - base) * 100:+.2f}"
+    print(f"\nresult: {summary}{crf_delta}")
+
+
+if __name__ == "__main__":
+    main()

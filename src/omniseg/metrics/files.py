@@ -1,0 +1,403 @@
+"""Evaluation of prediction files against ground-truth files (what ``omniseg evaluate`` runs).
+
+* panoptic: COCO panoptic JSON + PNG folders, PQ/SQ/RQ as the official panopticapi computes it;
+* semantic: folders of single-channel label PNGs paired by file stem, mIoU and friends;
+* instance: a COCO instances JSON and a COCO results JSON, mask and box AP via pycocotools.
+
+Bad input raises :class:`EvaluationError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from omniseg.metrics.instance import coco_evaluate, results_for
+from omniseg.metrics.panoptic import PanopticQuality, SegmentsInfoError
+from omniseg.metrics.semantic import SemanticMetric
+from omniseg.structures import CategoryTable
+
+PathLike = str | os.PathLike
+
+# Below this many images per process, starting worker processes costs more than it saves.
+_MIN_IMAGES_PER_WORKER = 32
+
+# Workers only decode PNGs and count with numpy, so forking is safe and starts in milliseconds
+# (spawn re-imports the caller's __main__, ~0.7 s per worker); the worker code is spawn-safe,
+# and spawn is used off Linux (macOS system libraries are not fork-safe).
+START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation input; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------- readers
+def _load_json(path: PathLike, what: str) -> Any:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: {what} file not found") from None
+    except IsADirectoryError:
+        raise EvaluationError(f"{path}: {what} should be a JSON file but is a directory") from None
+    except json.JSONDecodeError as e:
+        raise EvaluationError(
+            f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise EvaluationError(f"{path}: {what} is not UTF-8 text ({e.reason})") from None
+
+
+def _open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image, turning every decoder failure into an EvaluationError."""
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: file not found") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on corrupt files
+        raise EvaluationError(f"{path}: cannot decode PNG ({type(e).__name__}: {e})") from e
+
+
+def read_panoptic_png(path: PathLike) -> np.ndarray:
+    """``(H, W) int32`` segment ids ``R + 256 G + 256^2 B`` of a COCO panoptic PNG.
+
+    Instead of per-channel arithmetic, the packed RGB bytes are viewed as little-endian uint32
+    at a 3-byte stride (an unaligned view: each pixel's R, G, B plus the next pixel's R) and the
+    fourth byte is masked off: one pass, measured ~3x faster than ``rgb_to_id`` on the
+    ``(H, W, 3)`` array and ~2x faster than packing ``RGBX`` in PIL.
+    """
+    path = Path(path)
+    im = _open_image(path)
+    with im:
+        if im.mode not in ("RGB", "RGBA", "P"):
+            raise EvaluationError(f"{path}: panoptic PNG must be RGB (ids as colours), got mode {im.mode}")
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        w, h = im.size
+        rgb = im.tobytes()
+    n = w * h
+    ids = np.empty(n, dtype=np.uint32)
+    if n:
+        # the last pixel has no next byte to read, so it is assembled by hand
+        packed = np.ndarray(shape=(n - 1,), dtype="<u4", buffer=rgb, strides=(3,))
+        np.bitwise_and(packed, np.uint32(0xFFFFFF), out=ids[:-1])
+        ids[-1] = rgb[-3] | rgb[-2] << 8 | rgb[-1] << 16
+    return ids.view(np.int32).reshape(h, w)
+
+
+def read_label_png(path: PathLike) -> np.ndarray:
+    """``(H, W)`` class indices of a single-channel (``L``, ``P``, ``I;16``, ``I``) label PNG."""
+    path = Path(path)
+    im = _open_image(path)
+    with im:
+        if im.mode not in ("L", "P", "I;16", "I", "1"):
+            raise EvaluationError(
+                f"{path}: label PNG must be single-channel (class indices), got mode {im.mode}"
+            )
+        return np.asarray(im)
+
+
+# ----------------------------------------------------------------------------- panoptic
+def _annotations(data: Any, path: Path) -> list[dict]:
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise EvaluationError(f"{path}: expected a COCO panoptic JSON object with an 'annotations' list")
+    for i, ann in enumerate(data["annotations"]):
+        for key in ("image_id", "file_name", "segments_info"):
+            if not isinstance(ann, dict) or key not in ann:
+                raise EvaluationError(f"{path}: annotation #{i} has no '{key}'")
+        for seg in ann["segments_info"]:
+            if not isinstance(seg, dict) or "id" not in seg or "category_id" not in seg:
+                raise EvaluationError(
+                    f"{path}: a segments_info entry of image_id {ann['image_id']} lacks 'id' or 'category_id'"
+                )
+    return data["annotations"]
+
+
+def _panoptic_chunk(
+    pairs: list[tuple[dict, dict]],
+    gt_dir: str,
+    pred_dir: str,
+    gt_json: str,
+    pred_json: str,
+    categories: list[dict],
+) -> tuple[np.ndarray, ...]:
+    """Accumulate PQ statistics over ``pairs`` of (gt, pred) annotations; worker entry point."""
+    metric = PanopticQuality(CategoryTable.from_dicts(categories))
+    for gt_ann, pred_ann in pairs:
+        gt_path = Path(gt_dir) / gt_ann["file_name"]
+        pred_path = Path(pred_dir) / pred_ann["file_name"]
+        gt_map = read_panoptic_png(gt_path)
+        pred_map = read_panoptic_png(pred_path)
+        if gt_map.shape != pred_map.shape:
+            raise EvaluationError(
+                f"{pred_path}: size {pred_map.shape[1]}x{pred_map.shape[0]} does not match its ground truth "
+                f"{gt_path} ({gt_map.shape[1]}x{gt_map.shape[0]})"
+            )
+        try:
+            metric.update(gt_map, gt_ann["segments_info"], pred_map, pred_ann["segments_info"])
+        except SegmentsInfoError as e:
+            json_path, png = (gt_json, gt_path) if e.side == "gt" else (pred_json, pred_path)
+            raise EvaluationError(f"{json_path} (image_id {gt_ann['image_id']}, {png}): {e}") from None
+        except ValueError as e:
+            raise EvaluationError(f"{pred_path} (image_id {gt_ann['image_id']}): {e}") from None
+    return metric.state()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _run_pool(jobs: list[tuple], workers: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """Yield each job's accumulator state, in job order, from a pool of worker processes."""
+    context = multiprocessing.get_context(START_METHOD)
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(_panoptic_chunk, *job) for job in jobs]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def evaluate_panoptic_files(
+    gt_json: PathLike,
+    gt_dir: PathLike,
+    pred_json: PathLike,
+    pred_dir: PathLike,
+    *,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """PQ/SQ/RQ of COCO panoptic predictions against ground truth, as panopticapi ``pq_compute``.
+
+    Annotations are paired by ``image_id``; every ground-truth image needs a prediction.
+    ``workers``: processes to use (default: all cores, but one process for small sets);
+    images are split into chunks whose accumulators are merged.
+
+    Returns ``{"All"|"Things"|"Stuff": {"pq","sq","rq","n"}, "per_class": {"<cat id>": {"pq","sq","rq"}}}``.
+    """
+    gt_json, pred_json = Path(gt_json), Path(pred_json)
+    gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
+    gt_data = _load_json(gt_json, "ground-truth JSON")
+    pred_data = _load_json(pred_json, "prediction JSON")
+    gt_anns = _annotations(gt_data, gt_json)
+    pred_anns = _annotations(pred_data, pred_json)
+    if not isinstance(gt_data.get("categories"), list) or not gt_data["categories"]:
+        raise EvaluationError(f"{gt_json}: ground-truth JSON has no 'categories' list")
+    try:
+        categories = CategoryTable.from_dicts(gt_data["categories"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise EvaluationError(f"{gt_json}: bad 'categories' ({e})") from None
+    for folder, what in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
+        if not folder.is_dir():
+            raise EvaluationError(f"{folder}: {what} PNG folder not found")
+
+    by_image: dict[Any, dict] = {}
+    for ann in pred_anns:
+        if ann["image_id"] in by_image:
+            raise EvaluationError(f"{pred_json}: image_id {ann['image_id']} has two annotations")
+        by_image[ann["image_id"]] = ann
+    missing = [a for a in gt_anns if a["image_id"] not in by_image]
+    if missing:
+        first = missing[0]
+        raise EvaluationError(
+            f"{pred_json}: no prediction for ground-truth image_id {first['image_id']} ({first['file_name']})"
+            + (f" and {len(missing) - 1} more image(s)" if len(missing) > 1 else "")
+        )
+    pairs = [(a, by_image[a["image_id"]]) for a in gt_anns]
+
+    if workers is None:
+        workers = min(_cpu_count(), len(pairs) // _MIN_IMAGES_PER_WORKER)
+    workers = max(1, min(int(workers), len(pairs)))
+    common = (str(gt_dir), str(pred_dir), str(gt_json), str(pred_json), categories.to_dicts())
+    metric = PanopticQuality(categories)
+    if workers > 1:
+        # a few chunks per worker evens out slow images; contiguous chunks merged in order keep
+        # the result deterministic for a given worker count
+        n_chunks = min(len(pairs), 4 * workers)
+        bounds = np.linspace(0, len(pairs), n_chunks + 1).astype(int)
+        jobs = [(pairs[a:b], *common) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        try:
+            for state in _run_pool(jobs, workers):
+                metric.merge(PanopticQuality(categories).load_state(state))
+        except BrokenProcessPool as e:
+            # e.g. spawn cannot re-import a __main__ read from stdin: do the work here instead
+            warnings.warn(f"worker processes failed to start ({e}); evaluating in one process", stacklevel=2)
+            metric.reset()
+            workers = 1
+    if workers == 1:
+        metric.load_state(_panoptic_chunk(pairs, *common))
+    result = metric.compute()
+    result["per_class"] = {str(k): v for k, v in result["per_class"].items()}
+    return result
+
+
+# ----------------------------------------------------------------------------- semantic
+def evaluate_semantic_dirs(
+    gt_dir: PathLike,
+    pred_dir: PathLike,
+    *,
+    num_classes: int,
+    ignore_index: int | None = 255,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """mIoU and friends of label PNGs in ``pred_dir`` against those in ``gt_dir``, paired by stem.
+
+    Returns :meth:`SemanticMetric.compute` with NaN per-class IoUs as ``None`` (JSON-safe),
+    plus ``num_images``.
+    """
+    gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
+    for folder, what in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
+        if not folder.is_dir():
+            raise EvaluationError(f"{folder}: {what} label folder not found")
+    gt_files = sorted(p for p in gt_dir.iterdir() if p.suffix.lower() == ".png")
+    if not gt_files:
+        raise EvaluationError(f"{gt_dir}: no .png label files")
+    preds = {p.stem: p for p in pred_dir.iterdir() if p.suffix.lower() == ".png"}
+    missing = [p.name for p in gt_files if p.stem not in preds]
+    if missing:
+        raise EvaluationError(
+            f"{pred_dir}: no prediction for ground truth {missing[0]}"
+            + (f" and {len(missing) - 1} more file(s)" if len(missing) > 1 else "")
+        )
+    metric = SemanticMetric(num_classes, ignore_index, class_names)
+    for gt_path in gt_files:
+        pred_path = preds[gt_path.stem]
+        gt = read_label_png(gt_path)
+        pred = read_label_png(pred_path)
+        if gt.shape != pred.shape:
+            raise EvaluationError(
+                f"{pred_path}: size {pred.shape[1]}x{pred.shape[0]} does not match its ground truth "
+                f"{gt_path} ({gt.shape[1]}x{gt.shape[0]})"
+            )
+        try:
+            metric.update(pred, gt)
+        except ValueError as e:
+            raise EvaluationError(f"{gt_path}: {e}") from None
+    result = metric.compute()
+    result["per_class_iou"] = [None if v != v else v for v in result["per_class_iou"]]
+    result["num_images"] = len(gt_files)
+    return result
+
+
+# ----------------------------------------------------------------------------- instance
+def _coco_gt_dataset(data: Any, path: Path) -> dict:
+    """A validated copy of a COCO instances ground truth, filled in where pycocotools needs it."""
+    if not isinstance(data, dict):
+        raise EvaluationError(f"{path}: expected a COCO instances JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise EvaluationError(f"{path}: COCO instances JSON has no '{key}' list")
+    images = {}
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not {"id", "height", "width"} <= im.keys():
+            raise EvaluationError(f"{path}: image #{i} lacks 'id', 'height' or 'width'")
+        images[im["id"]] = im
+    cat_ids = {c["id"] for c in data["categories"] if isinstance(c, dict) and "id" in c}
+    anns = []
+    ids = [a.get("id") for a in data["annotations"] if isinstance(a, dict)]
+    # COCOeval stores matched annotation ids with 0 meaning "unmatched", so an annotation id 0
+    # would silently turn a true positive into a false positive: renumber such files.
+    renumber = any(not isinstance(i, int) or i <= 0 for i in ids) or len(set(ids)) != len(ids)
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
+            raise EvaluationError(f"{path}: annotation #{i} lacks 'image_id' or 'category_id'")
+        if ann["image_id"] not in images:
+            raise EvaluationError(f"{path}: annotation #{i} refers to unknown image_id {ann['image_id']}")
+        if ann["category_id"] not in cat_ids:
+            raise EvaluationError(f"{path}: annotation #{i} has unknown category id {ann['category_id']}")
+        ann = dict(ann)
+        if renumber:
+            ann["id"] = i + 1
+        ann.setdefault("iscrowd", 0)
+        if "segmentation" in ann and ("area" not in ann or "bbox" not in ann):
+            im = images[ann["image_id"]]
+            rle = _to_rle(ann["segmentation"], im["height"], im["width"], path, f"annotation #{i}")
+            ann.setdefault("area", float(mask_utils.area(rle)))
+            ann.setdefault("bbox", [float(v) for v in mask_utils.toBbox(rle)])
+        if "bbox" not in ann:
+            raise EvaluationError(f"{path}: annotation #{i} has neither 'segmentation' nor 'bbox'")
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+        anns.append(ann)
+    return {"images": list(images.values()), "annotations": anns, "categories": data["categories"]}
+
+
+def _to_rle(segm: Any, h: int, w: int, path: Path, where: str) -> dict:
+    try:
+        if isinstance(segm, list):  # polygons
+            return mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+        if isinstance(segm, dict) and isinstance(segm.get("counts"), list):  # uncompressed RLE
+            return mask_utils.frPyObjects(segm, h, w)
+        if isinstance(segm, dict) and "counts" in segm and "size" in segm:
+            return segm
+    except Exception as e:  # pycocotools raises bare Exceptions / TypeErrors on malformed input
+        raise EvaluationError(f"{path}: {where} has a malformed segmentation ({e})") from None
+    raise EvaluationError(f"{path}: {where} has a malformed segmentation")
+
+
+def evaluate_instance_files(gt_json: PathLike, pred_json: PathLike) -> dict[str, dict[str, float]]:
+    """COCO mask AP and box AP of a COCO results JSON against a COCO instances JSON.
+
+    Returns ``{"segm": {AP, AP50, AP75, APs, APm, APl}, "bbox": {...}}`` (fractions; -1 where
+    COCOeval has nothing to score); ``segm`` is left out unless every detection has a mask.
+    Polygon and uncompressed-RLE masks are accepted; ground-truth annotation ids below 1 are
+    renumbered (COCOeval takes id 0 to mean "unmatched").
+    """
+    gt_json, pred_json = Path(gt_json), Path(pred_json)
+    gt = _coco_gt_dataset(_load_json(gt_json, "ground-truth JSON"), gt_json)
+    results = _load_json(pred_json, "results JSON")
+    if isinstance(results, dict) and isinstance(results.get("annotations"), list):
+        results = results["annotations"]
+    if not isinstance(results, list):
+        raise EvaluationError(f"{pred_json}: expected a COCO results list of detections")
+    images = {im["id"]: im for im in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    checked = []
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or not {"image_id", "category_id", "score"} <= r.keys():
+            raise EvaluationError(f"{pred_json}: detection #{i} lacks 'image_id', 'category_id' or 'score'")
+        if r["image_id"] not in images:
+            raise EvaluationError(
+                f"{pred_json}: detection #{i} refers to image_id {r['image_id']}, not in {gt_json}"
+            )
+        if r["category_id"] not in cat_ids:
+            raise EvaluationError(
+                f"{pred_json}: detection #{i} has unknown category id {r['category_id']} (not in {gt_json})"
+            )
+        r = dict(r)
+        if "segmentation" in r:
+            im = images[r["image_id"]]
+            r["segmentation"] = _to_rle(
+                r["segmentation"], im["height"], im["width"], pred_json, f"detection #{i}"
+            )
+            if "bbox" not in r:
+                r["bbox"] = [float(v) for v in mask_utils.toBbox(r["segmentation"])]
+        elif "bbox" not in r:
+            raise EvaluationError(f"{pred_json}: detection #{i} has neither 'segmentation' nor 'bbox'")
+        checked.append(r)
+    out: dict[str, dict[str, float]] = {}
+    if all("segmentation" in r for r in checked):
+        out["segm"] = coco_evaluate(gt, results_for("segm", checked), "segm")
+    out["bbox"] = coco_evaluate(gt, results_for("bbox", checked), "bbox")
+    return out
