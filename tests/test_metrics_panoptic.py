@@ -383,3 +383,19 @@ def test_read_panoptic_png_round_trip(tmp_path: Path) -> None:
         out = read_panoptic_png(tmp_path / "x.png")
         assert out.dtype == np.int32
         np.testing.assert_array_equal(out, ids)
+
+
+@pytest.mark.parametrize("folder", ["coco_gt", "coco_pred"])
+def test_pyspng_and_pil_decode_identical_ids(folder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("pyspng")
+    paths = sorted(shared_data("panoptic_pq_fixtures").joinpath(folder).glob("*.png"))
+    assert paths
+    for path in paths:
+        assert metric_files._spng_rgb(path) is not None, f"{path} did not take the pyspng path"
+    fast = [read_panoptic_png(p) for p in paths]
+    monkeypatch.setattr(metric_files, "pyspng", None)
+    for path, ids in zip(paths, fast, strict=True):
+        assert metric_files._spng_rgb(path) is None
+        slow = read_panoptic_png(path)
+        assert ids.dtype == slow.dtype == np.int32
+        np.testing.assert_array_equal(ids, slow, err_msg=str(path))

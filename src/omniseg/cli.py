@@ -100,6 +100,11 @@ def cmd_evaluate(args) -> int:
             result = files.evaluate_panoptic_files(
                 args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, workers=args.workers
             )
+            if not args.json:  # names for the per-class rows
+                from omniseg.data.images import load_json
+                from omniseg.structures import CategoryTable
+
+                categories = CategoryTable.from_dicts(load_json(args.gt_json).get("categories", []))
         elif args.task == "semantic":
             _require(args, "gt_dir", "pred_dir", "num_classes")
             result = files.evaluate_semantic_dirs(

@@ -24,6 +24,11 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+try:  # libspng decodes COCO panoptic PNGs ~1.9x faster than PIL; PIL remains the fallback
+    import pyspng
+except ImportError:  # pragma: no cover - pyspng is a dependency, but optional at run time
+    pyspng = None
+
 from omniseg.metrics.instance import coco_evaluate, results_for
 from omniseg.metrics.panoptic import PanopticQuality, SegmentsInfoError
 from omniseg.metrics.semantic import SemanticMetric
@@ -66,18 +71,71 @@ def _open_image(path: Path) -> Image.Image:
     """Open and fully decode an image, turning every decoder failure into an EvaluationError."""
     try:
         im = Image.open(path)
-        im.load()
-        return im
     except FileNotFoundError:
         raise EvaluationError(f"{path}: file not found") from None
     except MemoryError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on corrupt files
         raise EvaluationError(f"{path}: cannot decode PNG ({type(e).__name__}: {e})") from e
+    try:
+        im.load()
+    except MemoryError:
+        im.close()
+        raise
+    except Exception as e:
+        im.close()
+        raise EvaluationError(f"{path}: cannot decode PNG ({type(e).__name__}: {e})") from e
+    return im
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _spng_rgb(path: Path) -> np.ndarray | None:
+    """``(H, W, 3) uint8`` pixels of an 8-bit RGB/RGBA PNG decoded by pyspng, else ``None``.
+
+    Only 8-bit truecolour PNGs (IHDR colour type 2 or 6) take this path, where pyspng's pixels
+    are PIL's (alpha dropped, as ``convert("RGB")`` does). Anything else (palette, grey,
+    16-bit, missing, corrupt or non-PNG files) returns ``None`` so that PIL reads it, with the
+    same conversions and error messages as without pyspng.
+    """
+    if pyspng is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # signature (8) + chunk length (4) + b"IHDR" + width (4) + height (4) + bit depth + colour type
+    if len(data) < 26 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    if data[24] != 8 or data[25] not in (2, 6):
+        return None
+    try:
+        rgb = pyspng.load(data, format="RGB")
+    except Exception:  # pyspng raises RuntimeError on corrupt data: let PIL report it
+        return None
+    return rgb if rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8 else None
+
+
+def _rgb_to_ids(rgb: bytes | np.ndarray, h: int, w: int) -> np.ndarray:
+    """``(H, W) int32`` ids ``R + 256 G + 256^2 B`` of packed RGB bytes (C order)."""
+    buf = memoryview(rgb).cast("B") if isinstance(rgb, np.ndarray) else rgb
+    n = w * h
+    ids = np.empty(n, dtype=np.uint32)
+    if n:
+        # the last pixel has no next byte to read, so it is assembled by hand
+        packed = np.ndarray(shape=(n - 1,), dtype="<u4", buffer=buf, strides=(3,))
+        np.bitwise_and(packed, np.uint32(0xFFFFFF), out=ids[:-1])
+        ids[-1] = buf[-3] | buf[-2] << 8 | buf[-1] << 16
+    return ids.view(np.int32).reshape(h, w)
 
 
 def read_panoptic_png(path: PathLike) -> np.ndarray:
     """``(H, W) int32`` segment ids ``R + 256 G + 256^2 B`` of a COCO panoptic PNG.
+
+    8-bit RGB/RGBA PNGs are decoded with pyspng when it is installed (~1.9x faster than PIL,
+    same pixels); everything else, and every error, goes through PIL.
 
     Instead of per-channel arithmetic, the packed RGB bytes are viewed as little-endian uint32
     at a 3-byte stride (an unaligned view: each pixel's R, G, B plus the next pixel's R) and the
@@ -85,6 +143,11 @@ def read_panoptic_png(path: PathLike) -> np.ndarray:
     ``(H, W, 3)`` array and ~2x faster than packing ``RGBX`` in PIL.
     """
     path = Path(path)
+    rgb = _spng_rgb(path)
+    if rgb is not None:
+        rgb = np.ascontiguousarray(rgb)
+        h, w = rgb.shape[:2]
+        return _rgb_to_ids(rgb, h, w)
     im = _open_image(path)
     with im:
         if im.mode not in ("RGB", "RGBA", "P"):
@@ -92,15 +155,7 @@ def read_panoptic_png(path: PathLike) -> np.ndarray:
         if im.mode != "RGB":
             im = im.convert("RGB")
         w, h = im.size
-        rgb = im.tobytes()
-    n = w * h
-    ids = np.empty(n, dtype=np.uint32)
-    if n:
-        # the last pixel has no next byte to read, so it is assembled by hand
-        packed = np.ndarray(shape=(n - 1,), dtype="<u4", buffer=rgb, strides=(3,))
-        np.bitwise_and(packed, np.uint32(0xFFFFFF), out=ids[:-1])
-        ids[-1] = rgb[-3] | rgb[-2] << 8 | rgb[-1] << 16
-    return ids.view(np.int32).reshape(h, w)
+        return _rgb_to_ids(im.tobytes(), h, w)
 
 
 def read_label_png(path: PathLike) -> np.ndarray:
