@@ -24,6 +24,7 @@ __all__ = [
     "ConvFn",
     "atrous_rates_for",
     "fold_batch_norm",
+    "keep_grad_format",
     "run_conv",
     "set_bn_folding",
 ]
@@ -67,6 +68,78 @@ def run_conv(conv: nn.Conv2d, x: Tensor, conv_fn: ConvFn) -> Tensor | None:
     return conv_fn(x, conv.padding, conv.dilation)
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def _to_subgrids(x: Tensor, d: int) -> Tensor:
+    """``(B, C, H, W)`` -> ``(B*d*d, C, ceil(H/d), ceil(W/d))`` channels-last: the d x d interleaved sub-grids."""
+    batch, channels, height, width = x.shape
+    h, w = math.ceil(height / d), math.ceil(width / d)
+    if h * d != height or w * d != width:
+        x = F.pad(x, [0, w * d - width, 0, h * d - height])
+    x = x.reshape(batch, channels, h, d, w, d).permute(0, 3, 5, 2, 4, 1)
+    return x.reshape(batch * d * d, h, w, channels).permute(0, 3, 1, 2)
+
+
+def _from_subgrids(y: Tensor, d: int, height: int, width: int, fmt: torch.memory_format) -> Tensor:
+    """Inverse (and adjoint) of :func:`_to_subgrids`: interleave the sub-grids, crop to ``height x width``."""
+    batch_dd, channels, h, w = y.shape
+    y = y.permute(0, 2, 3, 1).reshape(batch_dd // (d * d), d, d, h, w, channels).permute(0, 3, 1, 4, 2, 5)
+    y = y.reshape(-1, h * d, w * d, channels)[:, :height, :width].contiguous().permute(0, 3, 1, 2)
+    return y.contiguous(memory_format=fmt)
+
+
+class _ToSubgrids(torch.autograd.Function):
+    """:func:`_to_subgrids` whose backward is the exact inverse, so gradients keep the input's memory
+    format (a BN backward fed an NCHW gradient for a channels-last input is ~10x slower)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, d: int) -> Tensor:
+        ctx.d, ctx.size, ctx.fmt = d, x.shape[-2:], _memory_format(x)
+        return _to_subgrids(x, d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _from_subgrids(grad, ctx.d, *ctx.size, ctx.fmt), None
+
+
+class _FromSubgrids(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: Tensor, d: int, height: int, width: int, fmt: torch.memory_format) -> Tensor:
+        ctx.d = d
+        return _from_subgrids(y, d, height, width, fmt)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return _to_subgrids(grad, ctx.d), None, None, None, None
+
+
+class _KeepGradFormat(torch.autograd.Function):
+    """Identity whose backward hands the gradient on in the input's memory format."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.fmt = _memory_format(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous(memory_format=ctx.fmt)
+
+
+def keep_grad_format(x: Tensor) -> Tensor:
+    """``x``, with its gradient handed back in ``x``'s memory format (identity without autograd).
+
+    Gradients summed from several consumers, or coming through slicing and pooling, can arrive
+    in NCHW for a channels-last tensor; the BatchNorm backward that usually precedes is ~10x
+    slower on such mixed layouts than one layout conversion.
+    """
+    if torch.is_grad_enabled() and x.requires_grad and not _tracing():
+        return _KeepGradFormat.apply(x)
+    return x
+
+
 def _space_to_batch_conv(x: Tensor, dilation: int, conv_fn: Callable[[Tensor], Tensor]) -> Tensor:
     """A stride-1 "same" conv with ``dilation`` as an undilated conv (``conv_fn``) on the d x d sub-grids.
 
@@ -74,20 +147,11 @@ def _space_to_batch_conv(x: Tensor, dilation: int, conv_fn: Callable[[Tensor], T
     sub-grids of the (zero-padded to a multiple of d) map are independent images that see the kernel
     undilated -- TF's ``atrous_conv2d`` trick. Exact, including the zero padding at every border.
     """
-    d = dilation
-    batch, channels, height, width = x.shape
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    h, w = math.ceil(height / d), math.ceil(width / d)
-    if h * d != height or w * d != width:
-        x = F.pad(x, [0, w * d - width, 0, h * d - height])
-    # (B, C, h, d, w, d) -> (B, d, d, h, w, C): sub-grids in the batch, channels last in memory
-    x = x.reshape(batch, channels, h, d, w, d).permute(0, 3, 5, 2, 4, 1)
-    x = x.reshape(batch * d * d, h, w, channels).permute(0, 3, 1, 2)
-    y = conv_fn(x)
-    out_channels = y.shape[1]
-    y = y.permute(0, 2, 3, 1).reshape(batch, d, d, h, w, out_channels).permute(0, 3, 1, 4, 2, 5)
-    y = y.reshape(batch, h * d, w * d, out_channels).permute(0, 3, 1, 2)
-    return y[:, :, :height, :width].contiguous(memory_format=fmt)
+    height, width = x.shape[-2:]
+    fmt = _memory_format(x)
+    if torch.is_grad_enabled() and not _tracing():
+        return _FromSubgrids.apply(conv_fn(_ToSubgrids.apply(x, dilation)), dilation, height, width, fmt)
+    return _from_subgrids(conv_fn(_to_subgrids(x, dilation)), dilation, height, width, fmt)
 
 
 def _shifted_depthwise(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int) -> Tensor:
@@ -95,6 +159,7 @@ def _shifted_depthwise(x: Tensor, weight: Tensor, bias: Tensor | None, dilation:
     channels, k = x.shape[1], weight.shape[-1]
     c = k // 2
     height, width = x.shape[-2:]
+    x = keep_grad_format(x)  # the sliced products' gradients would otherwise arrive as NCHW
     taps = weight.reshape(channels, k, k)
     out = x * taps[:, c, c].reshape(1, channels, 1, 1)
     if bias is not None:

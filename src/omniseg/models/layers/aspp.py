@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniseg.models.layers import AtrousDepthwiseConv2d, ConvBNAct
+from omniseg.models.layers import AtrousDepthwiseConv2d, ConvBNAct, keep_grad_format
 
 
 def atrous_rates_for(output_stride: int) -> tuple[int, int, int]:
@@ -111,6 +111,7 @@ class ASPP(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> Tensor:
+        x = keep_grad_format(x)  # five consumers (one a global pool): keep the summed gradient's layout
         *spatial_branches, pooling = self.convs
         spatial = torch.cat([branch(x) for branch in spatial_branches], dim=1)
         pooled = pooling(x)  # (B, C, 1, 1)
