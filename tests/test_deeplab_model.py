@@ -69,13 +69,14 @@ def test_deeplabv3plus_any_input_size(output_stride: int, size: tuple[int, int])
     assert model.post_process_semantic(logits).shape == (2, *size)
 
 
-def test_inference_optimisations_do_not_change_outputs() -> None:
-    """BN folding + fused kernels + channels-last equal the plain eval computation."""
+@pytest.mark.parametrize("size", [(75, 101), (200, 250)])  # small / large maps pick different dilated-conv paths
+def test_inference_optimisations_do_not_change_outputs(size: tuple[int, int]) -> None:
+    """BN folding + fused kernels + channels-last + conv rewrites equal the plain eval computation."""
     torch.manual_seed(0)
     model = build_model({"name": "deeplabv3plus", "num_classes": 4, "aux": True})
     _perturb_batch_norm(model)
     model.eval()
-    x = torch.randn(1, 3, 75, 101)
+    x = torch.randn(1, 3, *size)
     with torch.no_grad():
         fast = model(x)
         set_bn_folding(model, False)

@@ -32,7 +32,6 @@ import math
 import re
 from collections.abc import Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
@@ -128,7 +127,9 @@ def conv_bn_act(
             in_channels, out_channels, kernel_size, 1, padding, dilation=dilation, groups=groups, bias=False
         )
     bn = nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
-    return ConvBNAct(conv, bn, nn.ReLU6(inplace=True)) if act else ConvBNAct(conv, bn)
+    # Not in place: hardtanh_'s backward needs its input, so autograd would clone it first (an extra
+    # pass over every expanded map in training); inference fuses the activation into the conv anyway.
+    return ConvBNAct(conv, bn, nn.ReLU6()) if act else ConvBNAct(conv, bn)
 
 
 def _zero_bottom_right(x: Tensor, rows: int, cols: int) -> None:
@@ -175,22 +176,17 @@ class MBConv(nn.Module):
 
         The odd part of TF "SAME" padding (one zero row/column at the bottom/right) would copy the 6x
         expanded map into a fresh, larger tensor. Padding the narrow input instead and zeroing that
-        row/column of the expanded map before its ReLU6 (which keeps 0 at 0) gives the same values for
-        a sixth of the copy. Eval mode only: in training, BN statistics must not see the extra pixels.
+        row/column of the expanded map gives the same values for a sixth of the copy. Eval mode
+        only: in training, BN statistics must not see the extra pixels.
         """
         pad_h, pad_w = self.depthwise[0].same_padding(*x.shape[-2:])
         extra_h, extra_w = pad_h % 2, pad_w % 2
         if not (extra_h or extra_w):
             return self.depthwise(self.expand(x))
-        padded = F.pad(x, [0, extra_w, 0, extra_h])
-        if torch.is_grad_enabled():
-            # zero before the in-place ReLU6, whose saved output must stay untouched for backward
-            hidden = self.expand.conv_bn(padded)
-            _zero_bottom_right(hidden, extra_h, extra_w)
-            hidden = self.expand.apply_tail(hidden)
-        else:
-            hidden = self.expand(padded)  # fused kernel; ReLU6(0) = 0, so zeroing afterwards is the same
-            _zero_bottom_right(hidden, extra_h, extra_w)
+        hidden = self.expand(F.pad(x, [0, extra_w, 0, extra_h]))
+        # ReLU6(0) = 0, so zeroing after the activation equals TF's zero padding of its output; safe
+        # under autograd too, as the (not in-place) ReLU6 saved its input, not this output.
+        _zero_bottom_right(hidden, extra_h, extra_w)
         return self.depthwise(hidden, padding=(pad_h // 2, pad_w // 2))
 
 

@@ -180,10 +180,10 @@ def _shifted_depthwise(x: Tensor, weight: Tensor, bias: Tensor | None, dilation:
 class AtrousDepthwiseConv2d(nn.Conv2d):
     """Depthwise k x k conv, stride 1, dilation d, "same" zero padding: an ``nn.Conv2d`` computed faster.
 
-    PyTorch's CPU kernels handle dilated depthwise convs badly: measured on the DeepLab shapes here
-    (e.g. 1152 channels, 5x5, d=2 at 23x30; 320 channels, 3x3, d=6..18), forward is up to 6x and
-    backward 3-4x the cost of exact rewrites. Same parameters and results as the plain conv
-    (state-dict compatible); the computation is chosen per input size:
+    PyTorch's CPU kernels handle dilated depthwise convs badly: on the DeepLab shapes here (e.g. 1152
+    channels, 5x5, d=2 at 23x30; 320 channels, 3x3, d=6..18) the exact rewrites below are 1.5-6x
+    faster, forward and backward. Same parameters and results as the plain conv (state-dict
+    compatible); the computation is chosen per input size:
 
     * ``space_to_batch`` (:func:`_space_to_batch_conv`) when each sub-grid is at least k x k, in
       training always and in inference from d = 4 on (below, oneDNN's direct kernel is faster);

@@ -1,0 +1,389 @@
+"""Panoptic FPN (Kirillov et al. 2019): Mask R-CNN plus a semantic FPN branch for stuff, merged.
+
+    FPN P2-P5 -> Mask R-CNN (things)
+             -> semantic branch: each level brought to 1/4 scale by conv-GN-ReLU (+ 2x bilinear
+                upsample) stages -- 1 stage for P2 and P3, 2 for P4, 3 for P5 -- summed, 1x1
+                classifier over the stuff classes plus one "things" class (index 0), 4x upsample
+    merge: instances by descending score (score >= ``instance_score_thresh``), each dropped if
+           more than ``overlap_thresh`` of it is already taken, else it takes its free pixels;
+           then each stuff class takes the still free pixels it wins, if at least
+           ``stuff_area_thresh`` of them (Detectron2's ``combine_semantic_and_instance_outputs``).
+
+Semantic targets derive from the same panoptic ground truth (:func:`panoptic_targets_from_segments`):
+stuff category ``k`` -> class ``k + 1`` in the category table's stuff order, every thing -> 0,
+unlabelled -> ``ignore_index``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omniseg.models import register_model
+from omniseg.models.backbones import Backbone, build_backbone
+from omniseg.models.layers.detection import (
+    as_category_table,
+    as_image_list,
+    builder_config,
+    mask_crops,
+    paste_masks,
+    postprocess_boxes,
+    preprocess,
+    targets_from_segments,
+)
+from omniseg.models.layers.fast_inference import to_fast_convs
+from omniseg.models.mask_rcnn import MaskRCNN
+from omniseg.structures import CategoryTable, Segments
+
+__all__ = [
+    "PanopticFPN",
+    "SemanticFPNHead",
+    "panoptic_fpn",
+    "panoptic_merge",
+    "panoptic_targets_from_segments",
+]
+
+
+class SemanticFPNHead(nn.Module):
+    """Detectron2's ``SemSegFPNHead``: per-level conv-GN-ReLU (+2x up) stacks to stride 4, summed."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        in_channels: int = 256,
+        channels: int = 128,
+        strides: Sequence[int] = (4, 8, 16, 32),
+        common_stride: int = 4,
+        groups: int = 32,
+    ) -> None:
+        super().__init__()
+        self.common_stride = common_stride
+        self.scale_heads = nn.ModuleList()
+        for stride in strides:
+            stages: list[nn.Module] = []
+            for k in range(max(1, int(math.log2(stride) - math.log2(common_stride)))):
+                conv = nn.Conv2d(in_channels if k == 0 else channels, channels, 3, padding=1, bias=False)
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                stages += [conv, nn.GroupNorm(groups, channels), nn.ReLU(inplace=True)]
+                if stride != common_stride:
+                    stages.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.scale_heads.append(nn.Sequential(*stages))
+        self.predictor = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+        to_fast_convs(self)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        """Logits at the input (padded batch) resolution."""
+        x = self.scale_heads[0](features[0])
+        for head, feature in zip(self.scale_heads[1:], features[1:], strict=True):
+            x = x + head(feature)
+        logits = self.predictor(x)
+        return F.interpolate(logits, scale_factor=self.common_stride, mode="bilinear", align_corners=False)
+
+
+def semantic_target(segments: Segments, categories: CategoryTable, ignore_index: int = 255) -> np.ndarray:
+    """``(H, W) int64``: stuff -> 1 + its index among the stuff categories, things -> 0, void -> ignore."""
+    stuff = {cid: i + 1 for i, cid in enumerate(categories.stuff_ids)}
+    label = segments.to_semantic(void_value=-1)
+    lut_size = max([*categories.ids, 0]) + 2
+    lut = np.full(lut_size, ignore_index, dtype=np.int64)
+    for cid in categories.ids:
+        lut[cid] = stuff.get(cid, 0)
+    lut[-1] = ignore_index  # the void value -1 indexes the last entry
+    return lut[label]
+
+
+def panoptic_targets_from_segments(
+    segments: Segments, categories: CategoryTable | None = None, *, ignore_index: int = 255
+) -> dict[str, Tensor]:
+    """Mask R-CNN targets of the non-crowd things plus ``"semantic"``, from panoptic ground truth."""
+    categories = categories if categories is not None else segments.categories
+    if categories is None or not categories.thing_ids:
+        raise ValueError("panoptic targets need a CategoryTable that marks thing and stuff categories")
+    target = targets_from_segments(segments, categories)
+    target["semantic"] = torch.from_numpy(semantic_target(segments, categories, ignore_index))
+    return target
+
+
+def panoptic_merge(
+    detection: dict[str, Tensor],
+    semantic_prob: Tensor,
+    image_size: tuple[int, int],
+    *,
+    thing_ids: Sequence[int],
+    stuff_ids: Sequence[int],
+    categories: CategoryTable | None = None,
+    overlap_thresh: float = 0.5,
+    stuff_area_thresh: int = 4096,
+    instance_score_thresh: float = 0.5,
+    mask_threshold: float = 0.5,
+) -> Segments:
+    """Detectron2's heuristic merge of one image's instances and semantic probabilities.
+
+    ``detection``: ``boxes`` (at ``image_size``), ``labels`` (1..K), ``scores``, ``mask_probs`` 28x28;
+    ``semantic_prob``: ``(1 + num_stuff, H, W)`` softmax at ``image_size``. Instance masks are
+    pasted box by box; no full-size mask per instance is ever held.
+    """
+    h, w = image_size
+    id_map = np.zeros((h, w), dtype=np.int32)
+    infos: list[dict] = []
+    scores = detection["scores"]
+    order = torch.argsort(scores, descending=True, stable=True)
+    crops = list(
+        mask_crops(detection["mask_probs"][order], detection["boxes"][order], image_size, mask_threshold)
+    )
+    labels = detection["labels"][order].tolist()
+    for rank, (y0, y1, x0, x1, crop) in enumerate(crops):
+        score = float(scores[order[rank]])
+        if score < instance_score_thresh:
+            break
+        area = int(crop.sum())
+        if area == 0:
+            continue
+        region = id_map[y0:y1, x0:x1]
+        taken = crop & (region > 0)
+        if taken.sum() / area > overlap_thresh:
+            continue
+        segment_id = len(infos) + 1
+        region[crop & (region == 0)] = segment_id
+        infos.append(
+            {"id": segment_id, "category_id": int(thing_ids[labels[rank] - 1]), "iscrowd": 0, "score": score}
+        )
+    confidence, semantic = semantic_prob.max(0)
+    semantic, confidence = semantic.cpu().numpy(), confidence.cpu().numpy()
+    free = id_map == 0
+    for cls in np.unique(semantic).tolist():
+        if cls == 0:  # the "things" class: left to the instances
+            continue
+        mask = (semantic == cls) & free
+        area = int(mask.sum())
+        if area < stuff_area_thresh:
+            continue
+        segment_id = len(infos) + 1
+        id_map[mask] = segment_id
+        infos.append(
+            {
+                "id": segment_id,
+                "category_id": int(stuff_ids[cls - 1]),
+                "iscrowd": 0,
+                "score": float(confidence[mask].mean()),
+            }
+        )
+    return Segments.from_panoptic(id_map, infos, categories=categories)
+
+
+class PanopticFPN(MaskRCNN):
+    """Mask R-CNN + semantic FPN branch. ``forward(images)`` -> panoptic ``list[Segments]``."""
+
+    task = "panoptic"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        num_classes: int,
+        num_stuff_classes: int,
+        categories: CategoryTable | None = None,
+        semantic_channels: int = 128,
+        semantic_loss_weight: float = 0.5,
+        ignore_index: int = 255,
+        overlap_thresh: float = 0.5,
+        stuff_area_thresh: int = 4096,
+        instance_score_thresh: float = 0.5,
+        **mask_rcnn_kwargs: Any,
+    ) -> None:
+        super().__init__(backbone, num_classes=num_classes, categories=categories, **mask_rcnn_kwargs)
+        # stuff classes + one class for all things (index 0)
+        self.semantic_head = SemanticFPNHead(num_stuff_classes + 1, channels=semantic_channels)
+        self.num_stuff_classes = num_stuff_classes
+        self.semantic_loss_weight = semantic_loss_weight
+        self.ignore_index = ignore_index
+        self.overlap_thresh = overlap_thresh
+        self.stuff_area_thresh = stuff_area_thresh
+        self.instance_score_thresh = instance_score_thresh
+        self._configure_fast_paths()  # reach the semantic head's convolutions too
+
+    def _ids(self) -> tuple[list[int], list[int]]:
+        if self.categories is not None:
+            return self.categories.thing_ids, self.categories.stuff_ids
+        return list(range(1, self.num_classes)), list(
+            range(self.num_classes, self.num_classes + self.num_stuff_classes)
+        )
+
+    def losses(
+        self, images: Tensor | Sequence[Tensor], targets: Sequence[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Mask R-CNN losses plus ``loss_semantic`` (cross-entropy over stuff + "things")."""
+        for i, (image, target) in enumerate(zip(as_image_list(images), targets, strict=True)):
+            if "semantic" not in target:
+                raise ValueError(
+                    f"target {i}: Panoptic FPN needs 'semantic' (see panoptic_targets_from_segments)"
+                )
+            if tuple(target["semantic"].shape) != tuple(image.shape[-2:]):
+                raise ValueError(
+                    f"target {i}: semantic map {tuple(target['semantic'].shape)} does not match the image "
+                    f"{tuple(image.shape[-2:])}"
+                )
+        batch, targets, _ = preprocess(
+            images,
+            targets,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            training=True,
+            need_masks=True,
+            num_classes=self.num_classes,
+        )
+        features = self.features(batch.tensors)
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        _, head_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        logits = self.semantic_head(list(features.values())[:4])
+        semantic = logits.new_full(logits.shape[:1] + logits.shape[2:], self.ignore_index, dtype=torch.int64)
+        for i, target in enumerate(targets):
+            sem = torch.as_tensor(target["semantic"], dtype=torch.int64)
+            semantic[i, : sem.shape[0], : sem.shape[1]] = sem
+        loss = F.cross_entropy(logits, semantic, ignore_index=self.ignore_index)
+        if not (semantic != self.ignore_index).any():  # nothing labelled: a zero that keeps the graph
+            loss = logits.sum() * 0.0
+        return {**rpn_losses, **head_losses, "loss_semantic": self.semantic_loss_weight * loss}
+
+    def _panoptic_inference(
+        self, images: Tensor | Sequence[Tensor]
+    ) -> tuple[list[dict[str, Tensor]], list[Tensor], list[tuple[int, int]]]:
+        """Instance detections (boxes at original size, 28x28 mask probs) and semantic softmax."""
+        batch, _, original_sizes = preprocess(images, None, min_size=self.min_size, max_size=self.max_size)
+        features = self.features(batch.tensors)
+        proposals, _ = self.rpn(batch, features)
+        detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
+        logits = self.semantic_head(list(features.values())[:4])
+        probs = []
+        for i, (det, size, original) in enumerate(
+            zip(detections, batch.image_sizes, original_sizes, strict=True)
+        ):
+            det["boxes"] = postprocess_boxes(det["boxes"], size, original)
+            crop = logits[i : i + 1, :, : size[0], : size[1]]
+            if tuple(size) != tuple(original):
+                crop = F.interpolate(crop, size=original, mode="bilinear", align_corners=False)
+            probs.append(crop[0].softmax(0))
+        return detections, probs, original_sizes
+
+    def forward(
+        self, images: Tensor | Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[Segments]:
+        if self.training:
+            if targets is None:
+                raise ValueError("training needs targets (see panoptic_targets_from_segments)")
+            return self.losses(images, targets)
+        thing_ids, stuff_ids = self._ids()
+        with torch.no_grad():
+            detections, probs, sizes = self._panoptic_inference(images)
+            return [
+                panoptic_merge(
+                    det,
+                    prob,
+                    size,
+                    thing_ids=thing_ids,
+                    stuff_ids=stuff_ids,
+                    categories=self.categories,
+                    overlap_thresh=self.overlap_thresh,
+                    stuff_area_thresh=self.stuff_area_thresh,
+                    instance_score_thresh=self.instance_score_thresh,
+                    mask_threshold=self.mask_threshold,
+                )
+                for det, prob, size in zip(detections, probs, sizes, strict=True)
+            ]
+
+    @torch.no_grad()
+    def detect(self, images: Tensor | Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Mask R-CNN's torchvision-style dicts plus ``semantic_probs`` ``(1 + num_stuff, H, W)``."""
+        was_training = self.training
+        self.eval()
+        try:
+            detections, probs, sizes = self._panoptic_inference(images)
+        finally:
+            self.train(was_training)
+        for det, prob, size in zip(detections, probs, sizes, strict=True):
+            det["masks"] = paste_masks(det.pop("mask_probs"), det["boxes"], size)
+            det["semantic_probs"] = prob
+        return detections
+
+
+@register_model("panoptic_fpn")
+def panoptic_fpn(
+    *,
+    categories: CategoryTable | Sequence[Mapping] | None = None,
+    num_classes: int | None = None,
+    num_stuff_classes: int | None = None,
+    backbone: str = "resnet50",
+    pretrained_backbone: bool | str = False,
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    semantic_channels: int = 128,
+    semantic_loss_weight: float = 0.5,
+    ignore_index: int = 255,
+    overlap_thresh: float = 0.5,
+    stuff_area_thresh: int = 4096,
+    instance_score_thresh: float = 0.5,
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_test: int = 1000,
+    box_score_thresh: float = 0.05,
+    box_detections_per_img: int = 100,
+    box_batch_size_per_image: int = 512,
+    mask_threshold: float = 0.5,
+    frozen_bn: bool = True,
+    fast_inference: bool = True,
+    winograd: bool = True,
+) -> PanopticFPN:
+    """Panoptic FPN on ``backbone``. With ``categories`` (thing/stuff flags set) the class counts
+    follow from it and results carry COCO-style category ids; otherwise give ``num_classes``
+    (things + background) and ``num_stuff_classes``."""
+    arguments = dict(locals())
+    table = as_category_table(categories)
+    if table is not None:
+        if not table.thing_ids or not table.stuff_ids:
+            raise ValueError("panoptic_fpn needs a category table with both thing and stuff categories")
+        things, stuff = len(table.thing_ids) + 1, len(table.stuff_ids)
+        if (num_classes not in (None, things)) or (num_stuff_classes not in (None, stuff)):
+            raise ValueError(
+                f"num_classes={num_classes}/num_stuff_classes={num_stuff_classes} disagree with the category "
+                f"table ({things - 1} things + background, {stuff} stuff)"
+            )
+        num_classes, num_stuff_classes = things, stuff
+    if num_classes is None or num_stuff_classes is None:
+        raise ValueError("give categories, or num_classes (things + background) and num_stuff_classes")
+    model = PanopticFPN(
+        build_backbone(backbone, pretrained=pretrained_backbone),
+        num_classes=num_classes,
+        num_stuff_classes=num_stuff_classes,
+        categories=table,
+        semantic_channels=semantic_channels,
+        semantic_loss_weight=semantic_loss_weight,
+        ignore_index=ignore_index,
+        overlap_thresh=overlap_thresh,
+        stuff_area_thresh=stuff_area_thresh,
+        instance_score_thresh=instance_score_thresh,
+        min_size=min_size,
+        max_size=max_size,
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        box_score_thresh=box_score_thresh,
+        box_detections_per_img=box_detections_per_img,
+        box_batch_size_per_image=box_batch_size_per_image,
+        mask_threshold=mask_threshold,
+        frozen_bn=frozen_bn,
+        fast_inference=fast_inference,
+        winograd=winograd,
+    )
+    model.config = builder_config("panoptic_fpn", arguments)
+    return model
