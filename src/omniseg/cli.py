@@ -31,7 +31,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--ignore-index", type=int, default=255)
     p.add_argument("--workers", type=int, default=None, help="processes for panoptic evaluation (default: all cores)")
     p.add_argument("--checkpoint", help="zoo name or checkpoint path (with --data)")
-    p.add_argument("--data", help="dataset split as FORMAT:ROOT:SPLIT (e.g. camvid:../shared/data/camvid:val)")
+    p.add_argument(
+        "--data",
+        help="dataset split as FORMAT:ROOT:SPLIT[:KEY=VALUE...] (e.g. camvid:../shared/data/camvid:val)",
+    )
+    p.add_argument("--subset", help="with --data: a slice START:STOP of the split in file order (e.g. 100:)")
     p.add_argument("--flip", action="store_true", help="test-time horizontal flip")
     p.add_argument("--scales", type=float, nargs="+", default=None, help="test-time scales, e.g. 0.75 1 1.25")
     p.add_argument("--crf", action="store_true", help="dense CRF refinement")
@@ -46,6 +50,7 @@ def _add_segment(sub) -> None:
     p.add_argument("--crf", action="store_true", help="dense CRF refinement")
     p.add_argument("--flip", action="store_true", default=None, help="test-time horizontal flip")
     p.add_argument("--force", action="store_true", help="redo images whose outputs already exist")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="instance/panoptic models: keep segments scoring at least this")
     p.add_argument("--device", default="cpu")
 
 
@@ -58,13 +63,21 @@ def _add_show(sub) -> None:
 
 
 def parse_data_arg(text: str) -> dict:
-    """``FORMAT:ROOT[:SPLIT]`` -> a dataset spec for :func:`omniseg.data.open_dataset`."""
+    """``FORMAT:ROOT[:SPLIT][:KEY=VALUE...]`` -> a dataset spec for :func:`omniseg.data.open_dataset`.
+
+    e.g. ``camvid:../shared/data/camvid:val:thing_instances=components``.
+    """
     parts = text.split(":")
     if len(parts) < 2:
         raise DataError(f"--data {text!r}: expected FORMAT:ROOT[:SPLIT], e.g. camvid:../shared/data/camvid:val")
     spec = {"format": parts[0], "root": parts[1]}
     if len(parts) > 2 and parts[2]:
         spec["split"] = parts[2]
+    for option in parts[3:]:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise DataError(f"--data {text!r}: {option!r} should be KEY=VALUE (a dataset option)")
+        spec[key] = value
     return spec
 
 
@@ -86,10 +99,11 @@ def cmd_evaluate(args) -> int:
             raise DataError("--checkpoint needs --data FORMAT:ROOT:SPLIT")
         from omniseg.engine.evaluate import evaluate_checkpoint
 
-        result = evaluate_checkpoint(
-            args.checkpoint, parse_data_arg(args.data), flip=args.flip, scales=args.scales, crf=args.crf
-        )
-        task = "semantic"
+        spec = parse_data_arg(args.data)
+        if args.subset:
+            spec["subset"] = args.subset
+        result = evaluate_checkpoint(args.checkpoint, spec, flip=args.flip, scales=args.scales, crf=args.crf)
+        task = result.pop("_task")
         categories = result.pop("_categories", None)
     else:
         from omniseg.metrics import files
@@ -133,7 +147,8 @@ def cmd_segment(args) -> int:
     from omniseg.segment import segment_paths
 
     return segment_paths(
-        args.input, args.out, model=args.model, crf=args.crf, flip=args.flip, force=args.force, device=args.device
+        args.input, args.out, model=args.model, crf=args.crf, flip=args.flip, force=args.force, device=args.device,
+        score_thresh=args.score_thresh,
     )
 
 

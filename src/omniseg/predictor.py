@@ -97,7 +97,11 @@ class Predictor:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
         if self.task != "semantic":
-            raise NotImplementedError(f"task {self.task!r} prediction is not wired yet")
+            if crf or any(v for v in tta.values()):
+                raise ValueError(f"CRF and test-time flip/scales apply to semantic models, not to a {self.task} model")
+            x = to_model_input(image, mean=self.mean, std=self.std).to(self.device)
+            with torch.inference_mode():
+                return self.model([x])[0]
         prob = self.semantic_probabilities(image, **tta)
         if crf:
             from omniseg.models.crf import dense_crf

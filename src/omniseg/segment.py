@@ -14,6 +14,8 @@ from omniseg.data.images import IMAGE_SUFFIXES, DataError, list_images, load_ima
 from omniseg.engine.checkpoint import atomic_write_bytes
 from omniseg.predictor import DEFAULT_MODEL, dump_json, load_predictor, segments_json
 
+VIEWS = {"semantic": "semantic", "instance": "instance", "detection": "instance", "panoptic": "panoptic"}
+
 
 def output_paths(out_dir: Path, image_path: Path) -> tuple[Path, Path, Path]:
     stem = image_path.stem
@@ -35,8 +37,13 @@ def segment_paths(
     flip: bool | None = None,
     force: bool = False,
     device: str = "cpu",
+    score_thresh: float = 0.5,
 ) -> int:
-    """Segment one image or every image in a folder; returns a process exit code (0, or 1 if any failed)."""
+    """Segment one image or every image in a folder; returns a process exit code (0, or 1 if any failed).
+
+    Instance and panoptic models keep the segments scoring at least ``score_thresh``; the label
+    PNG holds the category id of each pixel (255 = none), the overlay outlines every instance.
+    """
     from omniseg.visualize import overlay
 
     input_path = Path(input_path)
@@ -65,12 +72,14 @@ def segment_paths(
             failed.append(path)
             continue
         segments = predictor.predict(image, crf=crf, flip=flip)
+        if predictor.task != "semantic":
+            segments = segments.subset(segments.scores >= score_thresh)
         overlay_path, labels_path, json_path = output_paths(out_dir, path)
         labels = segments.to_semantic(void_value=255)
         if labels.max(initial=0) > 255:
             raise DataError(f"{path}: category ids above 255 do not fit a label PNG")
         atomic_write_bytes(labels_path, _png_bytes(labels.astype(np.uint8)))
-        atomic_write_bytes(overlay_path, _png_bytes(overlay(image, segments, view="semantic")))
+        atomic_write_bytes(overlay_path, _png_bytes(overlay(image, segments, view=VIEWS[predictor.task])))
         atomic_write_bytes(json_path, dump_json(segments_json(segments, image_path=str(path), model=predictor.name)).encode())
         if len(todo) == 1:
             print(f"wrote {overlay_path}, {labels_path}, {json_path}")

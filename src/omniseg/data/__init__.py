@@ -30,7 +30,7 @@ from omniseg.structures import CategoryTable
 
 __all__ = [
     "CITYSCAPES_LABELS", "COCO80_NAMES", "Cityscapes", "CocoInstances", "CocoPanoptic", "CocoPanopticWriter",
-    "DataError", "FORMATS", "LabelFolderDataset", "YoloSegmentation", "ade20k", "ade20k_categories", "camvid",
+    "DataError", "DatasetSlice", "FORMATS", "LabelFolderDataset", "YoloSegmentation", "ade20k", "ade20k_categories", "camvid",
     "camvid_categories", "cityscapes_categories", "cityscapes_segments", "label_to_train_ids", "list_images",
     "load_image", "load_json", "load_label_map", "load_rgb_png", "open_dataset", "segments_to_results",
     "train_to_label_ids", "voc_categories", "write_instance_results", "write_panoptic_png", "write_results",
@@ -41,10 +41,11 @@ __all__ = [
 # coco, coco_panoptic and yolo accept "root" [+ "split"] instead of explicit paths: the CLI's
 # FORMAT:ROOT[:SPLIT] form, resolved by each format's usual layout (see _resolve_root).
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "camvid": (("root",), ("split",)),
+    "camvid": (("root",), ("split", "thing_instances")),
     "label_folder": (
         (),
-        ("images", "labels", "list_file", "root", "classes", "categories", "ignore_index", "label_suffix"),
+        ("images", "labels", "list_file", "root", "classes", "categories", "ignore_index", "label_suffix",
+         "thing_instances"),
     ),
     "coco": (("annotations",), ("images", "root", "split")),
     "coco_panoptic": (("annotations",), ("panoptic", "images", "categories", "root", "split")),
@@ -54,7 +55,7 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 ROOT_LAYOUTS = {
     "coco": "ROOT/annotations/instances_SPLIT.json + ROOT/SPLIT/ (COCO), ROOT/SPLIT.json + ROOT/, "
-    "or ROOT/annotations.json + ROOT/ without SPLIT",
+    "or ROOT/annotations.json + ROOT/images/ (else ROOT/) without SPLIT",
     "coco_panoptic": "ROOT/annotations/panoptic_SPLIT.json + ROOT/annotations/panoptic_SPLIT/ + ROOT/SPLIT/ "
     "(COCO), or ROOT/SPLIT.json + ROOT/SPLIT/ PNGs (+ ROOT/images or ROOT/input_images if present)",
     "yolo": "ROOT/images/SPLIT + ROOT/labels/SPLIT (without SPLIT: ROOT/images, or its only subfolder)",
@@ -88,7 +89,7 @@ def _resolve_root(fmt: str, spec: dict[str, Any]) -> dict[str, Any]:
                 (root / f"{split}.json", root),
             ]
         else:
-            candidates = [(root / "annotations.json", root)]
+            candidates = [(root / "annotations.json", _first_dir(root / "images") or root)]
         for annotations, images in candidates:
             if annotations.is_file():
                 out.setdefault("annotations", annotations)
@@ -106,6 +107,43 @@ def _resolve_root(fmt: str, spec: dict[str, Any]) -> dict[str, Any]:
                 out.setdefault("images", _first_dir(root / "images", root / "input_images"))
                 return out
     raise DataError(f"{root}: no {fmt} data found for split {split!r}; expected {ROOT_LAYOUTS[fmt]}")
+
+
+class DatasetSlice:
+    """A contiguous slice ``START:STOP`` of a dataset, with the dataset's categories and ignore index."""
+
+    def __init__(self, dataset: Any, subset: str | list[int] | tuple[int, int]) -> None:
+        if isinstance(subset, str):
+            parts = subset.split(":")
+            try:
+                if len(parts) != 2:
+                    raise ValueError
+                bounds = [int(p) if p.strip() else None for p in parts]
+            except ValueError:
+                raise DataError(f"subset {subset!r}: expected START:STOP, e.g. '0:100' or '100:'") from None
+        elif isinstance(subset, list | tuple) and len(subset) == 2:
+            bounds = list(subset)
+        else:
+            raise DataError(f"subset {subset!r}: expected 'START:STOP' or [START, STOP]")
+        self.indices = range(len(dataset))[slice(*bounds)]
+        if not len(self.indices):
+            raise DataError(f"subset {subset!r} of a dataset of {len(dataset)} items is empty")
+        self.dataset = dataset
+        self.categories = dataset.categories
+        self.ignore_index = getattr(dataset, "ignore_index", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+    def load_pair(self, index: int):
+        return self.dataset.load_pair(self.indices[index])
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -130,9 +168,11 @@ def open_dataset(spec: dict[str, Any]) -> Any:
 
     Keys per format (required first, then optional):
 
-    * ``camvid``: root; split (train | val | test | trainval, default train)
+    * ``camvid``: root; split (train | val | test | trainval, default train); thing_instances
+      (merged | components: one segment per connected component of car, pedestrian, bicyclist)
     * ``label_folder``: images + labels folders, or list_file (+ root); classes (names) or
-      categories (COCO-style dicts, or "voc" / "camvid"); ignore_index (255); label_suffix (.png)
+      categories (COCO-style dicts, or "voc" / "camvid"); ignore_index (255); label_suffix (.png);
+      thing_instances (merged | components, as for camvid)
     * ``coco``: annotations (JSON); images (folder; absent = annotations only, black images)
     * ``coco_panoptic``: annotations (JSON); panoptic (PNG folder, default: JSON path without
       suffix); images (folder; absent = black images); categories (JSON replacing the file's own)
@@ -143,6 +183,8 @@ def open_dataset(spec: dict[str, Any]) -> Any:
 
     coco, coco_panoptic and yolo also take ``root`` [+ ``split``] instead of explicit paths,
     resolved by the usual layouts in :data:`ROOT_LAYOUTS` (the CLI's ``FORMAT:ROOT[:SPLIT]``).
+    Every format takes ``subset``: ``"START:STOP"`` (a slice of the dataset's own order, which is
+    sorted by file name) -- e.g. ``"0:100"`` and ``"100:"`` split one folder into train and val.
     """
     if not isinstance(spec, dict) or "format" not in spec:
         raise DataError(
@@ -154,6 +196,9 @@ def open_dataset(spec: dict[str, Any]) -> Any:
     required, optional = FORMATS[fmt]
     if fmt in ROOT_LAYOUTS and "root" in spec:
         spec = _resolve_root(fmt, spec)
+    if "subset" in spec:
+        subset = spec["subset"]
+        return DatasetSlice(open_dataset({k: v for k, v in spec.items() if k != "subset"}), subset)
     missing = [k for k in required if k not in spec]
     unknown = sorted(set(spec) - set(required) - set(optional) - {"format"})
     if missing or unknown:
@@ -169,9 +214,12 @@ def open_dataset(spec: dict[str, Any]) -> Any:
         return Path(spec[key]).expanduser() if spec.get(key) is not None else None
 
     if fmt == "camvid":
-        return camvid(path("root"), get("split", "train"))
+        return camvid(path("root"), get("split", "train"), thing_instances=get("thing_instances", "merged"))
     if fmt == "label_folder":
-        kwargs = dict(categories=_label_folder_categories(spec), ignore_index=int(get("ignore_index", 255)))
+        kwargs = dict(
+            categories=_label_folder_categories(spec), ignore_index=int(get("ignore_index", 255)),
+            thing_instances=get("thing_instances", "merged"),
+        )  # fmt: skip
         if "list_file" in spec:
             return LabelFolderDataset.from_list_file(path("list_file"), root=path("root"), **kwargs)
         if "images" not in spec or "labels" not in spec:

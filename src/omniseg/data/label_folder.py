@@ -54,10 +54,14 @@ class LabelFolderDataset:
         *,
         categories: CategoryTable,
         ignore_index: int = 255,
+        thing_instances: str = "merged",
     ) -> None:
+        if thing_instances not in ("merged", "components"):
+            raise DataError(f"thing_instances must be 'merged' or 'components', got {thing_instances!r}")
         self.pairs = [(Path(i), Path(lab)) for i, lab in pairs]
         self.categories = categories
         self.ignore_index = ignore_index
+        self.thing_instances = thing_instances
         self._valid = np.zeros(max(max(categories.ids), ignore_index) + 1, dtype=bool)
         self._valid[categories.ids] = True
         self._valid[ignore_index] = True
@@ -114,7 +118,10 @@ class LabelFolderDataset:
 
     def __getitem__(self, index: int) -> Sample:
         image, label = self.load_pair(index)
-        segments = Segments.from_semantic(label, categories=self.categories, ignore_index=self.ignore_index)
+        if self.thing_instances == "components":
+            segments = components_as_instances(label, self.categories, self.ignore_index)
+        else:
+            segments = Segments.from_semantic(label, categories=self.categories, ignore_index=self.ignore_index)
         return Sample(image, segments, image_id=index, file_name=self.pairs[index][0].name)
 
     def __iter__(self) -> Iterator[Sample]:
@@ -122,8 +129,40 @@ class LabelFolderDataset:
             yield self[i]
 
 
-def camvid(root: str | Path, split: str) -> LabelFolderDataset:
-    """CamVid (SegNet 11-class version) split ``train``, ``val``, ``test`` or ``trainval``."""
+def components_as_instances(label: np.ndarray, categories: CategoryTable, ignore_index: int | None) -> Segments:
+    """Panoptic segments from a semantic label map: one segment per stuff category present, one per
+    8-connected component of each thing category.
+
+    A label map has no instance identity; connected components are the reproducible stand-in
+    (touching objects of one class merge, an occluded object split in two becomes two). It turns
+    a semantic set such as CamVid into a panoptic training set.
+    """
+    from scipy import ndimage
+
+    semantic = Segments.from_semantic(label, categories=categories, ignore_index=ignore_index)
+    id_map = semantic.id_map.copy()
+    category_ids = list(semantic.category_ids)
+    things = set(categories.thing_ids)
+    next_id = len(category_ids) + 1
+    eight = np.ones((3, 3), dtype=bool)
+    for segment_id, cat in zip(list(semantic.segment_ids), list(semantic.category_ids), strict=True):
+        if int(cat) not in things:
+            continue
+        components, count = ndimage.label(id_map == segment_id, structure=eight)
+        for k in range(2, count + 1):  # component 1 keeps the original segment id
+            id_map[components == k] = next_id
+            category_ids.append(int(cat))
+            next_id += 1
+    segments_info = [{"id": i + 1, "category_id": int(c)} for i, c in enumerate(category_ids)]
+    return Segments.from_panoptic(id_map, segments_info, categories=categories)
+
+
+def camvid(root: str | Path, split: str, *, thing_instances: str = "merged") -> LabelFolderDataset:
+    """CamVid (SegNet 11-class version) split ``train``, ``val``, ``test`` or ``trainval``.
+
+    ``thing_instances="components"`` gives car / pedestrian / bicyclist one segment per connected
+    component (see :func:`components_as_instances`): the panoptic "CamVid-components" set.
+    """
     root = Path(root)
     splits = ["train", "val"] if split == "trainval" else [split]
     pairs: list[tuple[Path, Path]] = []
@@ -131,4 +170,6 @@ def camvid(root: str | Path, split: str) -> LabelFolderDataset:
         pairs += LabelFolderDataset.from_list_file(
             root / f"{name}.txt", categories=camvid_categories(), ignore_index=CAMVID_IGNORE
         ).pairs
-    return LabelFolderDataset(pairs, categories=camvid_categories(), ignore_index=CAMVID_IGNORE)
+    return LabelFolderDataset(
+        pairs, categories=camvid_categories(), ignore_index=CAMVID_IGNORE, thing_instances=thing_instances
+    )

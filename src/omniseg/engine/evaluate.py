@@ -8,6 +8,8 @@ import numpy as np
 from tqdm import tqdm
 
 from omniseg.data import open_dataset
+from omniseg.metrics.instance import InstanceAP
+from omniseg.metrics.panoptic import PanopticQuality
 from omniseg.metrics.semantic import SemanticMetric
 from omniseg.predictor import load_predictor
 
@@ -22,7 +24,9 @@ def evaluate_checkpoint(
     limit: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Semantic metrics of a checkpoint on a labelled split, with optional TTA and CRF."""
+    """Metrics of a checkpoint on a labelled split: mIoU for semantic models (with optional TTA and
+    CRF), COCO mask and box AP for instance models (box AP only for box detectors), PQ for
+    panoptic models. ``result["_task"]`` says which."""
     predictor = load_predictor(checkpoint)
     dataset = open_dataset(data_spec)
     categories = predictor.categories
@@ -30,14 +34,33 @@ def evaluate_checkpoint(
         raise ValueError(
             f"dataset categories {dataset.categories.ids} differ from the model's {categories.ids}"
         )
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    images = tqdm(range(n), desc="evaluate", unit="img", disable=not progress)
+    if predictor.task != "semantic":
+        if flip or scales or crf:
+            raise ValueError(f"--flip, --scales and --crf apply to semantic models, not to a {predictor.task} model")
+        metric = PanopticQuality(categories) if predictor.task == "panoptic" else InstanceAP(categories)
+        for i in images:
+            sample = dataset[i]
+            pred = predictor.predict(sample.image)
+            if predictor.task == "panoptic":
+                metric.update_segments(sample.segments, pred)
+            else:
+                metric.update(sample.image_id, sample.segments, pred)
+        result = metric.compute()
+        if predictor.task == "detection":  # a box detector's "masks" are its filled boxes
+            result.pop("segm")
+        result["_task"] = "panoptic" if predictor.task == "panoptic" else "instance"
+        result["_categories"] = categories
+        return result
     lookup = categories.id_lookup(fill=255)
     metric = SemanticMetric(len(categories), ignore_index=255, class_names=categories.names)
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    for i in tqdm(range(n), desc="evaluate", unit="img", disable=not progress):
+    for i in images:
         image, label = dataset.load_pair(i)
         gt = np.where(label == dataset.ignore_index, 255, lookup[np.minimum(label, len(lookup) - 1)])
         pred = predictor.predict(image, crf=crf, flip=flip, scales=scales).to_semantic(void_value=255)
         metric.update(lookup[pred], gt)
     result = metric.compute()
+    result["_task"] = "semantic"
     result["_categories"] = categories
     return result

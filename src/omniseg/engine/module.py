@@ -2,7 +2,11 @@
 
 It owns optimisation (AdamW, warm-up + poly decay), logging, validation metrics and the RNG
 state that ``--resume`` needs; the model owns its losses (``model(images, targets)`` returns a
-dict of named losses) and its inference (``model(images)``).
+dict of named losses) and its inference (``model(images)``: logits for semantic models,
+``list[Segments]`` for the others).
+
+Validation metric per task (the one that picks the best checkpoint, :attr:`SegmentationTask.monitor`):
+semantic -> mIoU; instance -> COCO mask AP; detection -> COCO box AP; panoptic -> PQ.
 """
 
 from __future__ import annotations
@@ -14,15 +18,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from omniseg.metrics.instance import InstanceAP
+from omniseg.metrics.panoptic import PanopticQuality
 from omniseg.metrics.semantic import SemanticMetric
+from omniseg.structures import CategoryTable
+
+MONITOR = {"semantic": "miou", "instance": "mask_ap", "detection": "box_ap", "panoptic": "pq"}
 
 
-class SemanticTask(L.LightningModule):
+class SegmentationTask(L.LightningModule):
     def __init__(
         self,
         model: nn.Module,
         *,
-        num_classes: int,
+        task: str = "semantic",
+        categories: CategoryTable | None = None,
+        num_classes: int | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         backbone_lr_mult: float = 1.0,
@@ -33,7 +44,16 @@ class SemanticTask(L.LightningModule):
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
+        if task not in MONITOR:
+            raise ValueError(f"unknown task {task!r}; expected one of {sorted(MONITOR)}")
+        if task == "semantic" and num_classes is None:
+            raise ValueError("a semantic task needs num_classes")
+        if task != "semantic" and categories is None:
+            raise ValueError(f"a {task} task needs the dataset's categories")
         self.model = model
+        self.task = task
+        self.categories = categories
+        self.monitor = MONITOR[task]
         self.num_classes = num_classes
         self.lr = lr
         self.weight_decay = weight_decay
@@ -43,13 +63,24 @@ class SemanticTask(L.LightningModule):
         self.poly_power = poly_power
         self.val_flip = val_flip
         self.ignore_index = ignore_index
-        self.metric = SemanticMetric(num_classes, ignore_index=ignore_index)
+        self.metric = self._new_metric()
         self.last_val: dict = {}
+
+    def _new_metric(self):
+        if self.task == "semantic":
+            return SemanticMetric(self.num_classes, ignore_index=self.ignore_index)
+        if self.task == "panoptic":
+            return PanopticQuality(self.categories)
+        return InstanceAP(self.categories)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        losses = self.model(images, {"semantic": labels})
+        if self.task == "semantic":
+            images, labels = batch
+            losses = self.model(images, {"semantic": labels})
+        else:
+            images, targets = batch[:2]
+            losses = self.model(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -70,12 +101,20 @@ class SemanticTask(L.LightningModule):
         return logits
 
     def on_validation_epoch_start(self) -> None:
-        self.metric = SemanticMetric(self.num_classes, ignore_index=self.ignore_index)
+        self.metric = self._new_metric()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        images, labels = batch
-        pred = self.predict_logits(images).argmax(1)
-        self.metric.update(pred.cpu().numpy(), labels.cpu().numpy())
+        if self.task == "semantic":
+            images, labels = batch
+            pred = self.predict_logits(images).argmax(1)
+            self.metric.update(pred.cpu().numpy(), labels.cpu().numpy())
+            return
+        images, _, gts, image_ids = batch
+        for image_id, gt, pred in zip(image_ids, gts, self.model(images), strict=True):
+            if self.task == "panoptic":
+                self.metric.update_segments(gt, pred)
+            else:
+                self.metric.update(image_id, gt, pred)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.world_size > 1:
@@ -86,9 +125,22 @@ class SemanticTask(L.LightningModule):
                 merged.merge(other)
             self.metric = merged
         result = self.metric.compute()
-        self.last_val = result
-        self.log("val/miou", float(result["miou"]), prog_bar=True, sync_dist=False)
-        self.log("val/pixel_accuracy", float(result["pixel_accuracy"]), sync_dist=False)
+        if self.task == "semantic":
+            scalars = {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}
+        elif self.task == "panoptic":
+            scalars = {"pq": result["All"]["pq"], "pq_things": result["Things"]["pq"], "pq_stuff": result["Stuff"]["pq"]}
+        else:
+            scalars = {
+                "mask_ap": max(result["segm"]["AP"], 0.0), "mask_ap50": max(result["segm"]["AP50"], 0.0),
+                "box_ap": max(result["bbox"]["AP"], 0.0), "box_ap50": max(result["bbox"]["AP50"], 0.0),
+            }  # fmt: skip
+            if self.task == "detection":  # box-only models: their "masks" are filled boxes
+                scalars = {k: v for k, v in scalars.items() if k.startswith("box")}
+        self.last_val = {"score": float(scalars[self.monitor]), **{k: float(v) for k, v in scalars.items()}}
+        if self.task == "semantic":
+            self.last_val["per_class_iou"] = list(map(float, result["per_class_iou"]))
+        for name, value in scalars.items():
+            self.log(f"val/{name}", float(value), prog_bar=name == self.monitor, sync_dist=False)
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["build_model", "list_models", "register_model"]
+__all__ = ["build_model", "list_models", "model_arguments", "register_model"]
 
 ModelBuilder = Callable[..., nn.Module]
 _MODELS: dict[str, ModelBuilder] = {}
@@ -103,6 +103,15 @@ def list_models() -> list[str]:
     """Names of all registered models."""
     _discover()
     return sorted(_MODELS)
+
+
+def model_arguments(name: str) -> list[str]:
+    """The keyword arguments of model ``name``'s builder (to fill in what a dataset knows)."""
+    if name not in _MODELS:
+        _discover()
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(_MODELS)}")
+    return list(inspect.signature(_MODELS[name]).parameters)
 
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:

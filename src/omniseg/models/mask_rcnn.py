@@ -49,9 +49,11 @@ from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 from omniseg.models import register_model
 from omniseg.models.backbones import Backbone, build_backbone
 from omniseg.models.layers.detection import (
+    ImageList,
     as_category_table,
     builder_config,
     detections_to_segments,
+    model_options,
     paste_masks,
     postprocess_boxes,
     preprocess,
@@ -324,17 +326,46 @@ class MaskRCNN(nn.Module):
         backbone = self._inference_backbone.get(self.backbone) if self._use_fast_path() else self.backbone
         return OrderedDict(zip(LEVEL_NAMES, self.fpn(backbone(x)), strict=True))
 
-    def _inference(
+    def _detections(
         self, images: Tensor | Sequence[Tensor]
-    ) -> tuple[list[dict[str, Tensor]], list[tuple[int, int]]]:
-        """Detections with boxes at the original image sizes and 28x28 ``mask_probs``."""
+    ) -> tuple[list[dict[str, Tensor]], ImageList, OrderedDict[str, Tensor], list[tuple[int, int]]]:
+        """Detections (boxes at the original image sizes, 28x28 ``mask_probs``), the padded batch,
+        its FPN features and the original sizes."""
         batch, _, original_sizes = preprocess(images, None, min_size=self.min_size, max_size=self.max_size)
         features = self.features(batch.tensors)
         proposals, _ = self.rpn(batch, features)
         detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
         for det, size, original in zip(detections, batch.image_sizes, original_sizes, strict=True):
             det["boxes"] = postprocess_boxes(det["boxes"], size, original)
+        return detections, batch, features, original_sizes
+
+    def _inference(
+        self, images: Tensor | Sequence[Tensor]
+    ) -> tuple[list[dict[str, Tensor]], list[tuple[int, int]]]:
+        detections, _, _, original_sizes = self._detections(images)
         return detections, original_sizes
+
+    def _training_features(
+        self, images: Tensor | Sequence[Tensor], targets: Sequence[dict[str, Tensor]]
+    ) -> tuple[ImageList, list[dict[str, Tensor]], OrderedDict[str, Tensor]]:
+        """The resized, padded batch, its checked targets and its FPN features."""
+        batch, targets, _ = preprocess(
+            images,
+            targets,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            training=True,
+            need_masks=True,
+            num_classes=self.num_classes,
+        )
+        return batch, targets, self.features(batch.tensors)
+
+    def _detector_losses(
+        self, batch: ImageList, targets: list[dict[str, Tensor]], features: OrderedDict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        _, head_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        return {**rpn_losses, **head_losses}
 
     # ---------------------------------------------------------------------------- public
     def forward(
@@ -355,19 +386,7 @@ class MaskRCNN(nn.Module):
         self, images: Tensor | Sequence[Tensor], targets: Sequence[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
         """RPN (objectness, box) and RoI head (classifier, box, mask) losses, torchvision's."""
-        batch, targets, _ = preprocess(
-            images,
-            targets,
-            min_size=self.min_size,
-            max_size=self.max_size,
-            training=True,
-            need_masks=True,
-            num_classes=self.num_classes,
-        )
-        features = self.features(batch.tensors)
-        proposals, rpn_losses = self.rpn(batch, features, targets)
-        _, head_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
-        return {**rpn_losses, **head_losses}
+        return self._detector_losses(*self._training_features(images, targets))
 
     @torch.no_grad()
     def detect(self, images: Tensor | Sequence[Tensor]) -> list[dict[str, Tensor]]:
@@ -423,25 +442,7 @@ def mask_rcnn(
         build_backbone(backbone, pretrained=pretrained_backbone),
         num_classes=resolve_num_classes(num_classes, table),
         categories=table,
-        min_size=min_size,
-        max_size=max_size,
-        fpn_channels=fpn_channels,
-        anchor_sizes=anchor_sizes,
-        aspect_ratios=aspect_ratios,
-        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-        rpn_nms_thresh=rpn_nms_thresh,
-        rpn_score_thresh=rpn_score_thresh,
-        box_score_thresh=box_score_thresh,
-        box_nms_thresh=box_nms_thresh,
-        box_detections_per_img=box_detections_per_img,
-        box_batch_size_per_image=box_batch_size_per_image,
-        mask_threshold=mask_threshold,
-        frozen_bn=frozen_bn,
-        fast_inference=fast_inference,
-        winograd=winograd,
+        **model_options(arguments),
     )
     model.config = builder_config("mask_rcnn", arguments)
     return model

@@ -32,9 +32,8 @@ from omniseg.models.layers.detection import (
     as_image_list,
     builder_config,
     mask_crops,
+    model_options,
     paste_masks,
-    postprocess_boxes,
-    preprocess,
     targets_from_segments,
 )
 from omniseg.models.layers.fast_inference import to_fast_convs
@@ -71,7 +70,7 @@ class SemanticFPNHead(nn.Module):
             for k in range(max(1, int(math.log2(stride) - math.log2(common_stride)))):
                 conv = nn.Conv2d(in_channels if k == 0 else channels, channels, 3, padding=1, bias=False)
                 nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-                stages += [conv, nn.GroupNorm(groups, channels), nn.ReLU(inplace=True)]
+                stages += [conv, nn.GroupNorm(math.gcd(groups, channels), channels), nn.ReLU(inplace=True)]
                 if stride != common_stride:
                     stages.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
             self.scale_heads.append(nn.Sequential(*stages))
@@ -202,7 +201,9 @@ class PanopticFPN(MaskRCNN):
     ) -> None:
         super().__init__(backbone, num_classes=num_classes, categories=categories, **mask_rcnn_kwargs)
         # stuff classes + one class for all things (index 0)
-        self.semantic_head = SemanticFPNHead(num_stuff_classes + 1, channels=semantic_channels)
+        self.semantic_head = SemanticFPNHead(
+            num_stuff_classes + 1, in_channels=mask_rcnn_kwargs.get("fpn_channels", 256), channels=semantic_channels
+        )
         self.num_stuff_classes = num_stuff_classes
         self.semantic_loss_weight = semantic_loss_weight
         self.ignore_index = ignore_index
@@ -232,18 +233,8 @@ class PanopticFPN(MaskRCNN):
                     f"target {i}: semantic map {tuple(target['semantic'].shape)} does not match the image "
                     f"{tuple(image.shape[-2:])}"
                 )
-        batch, targets, _ = preprocess(
-            images,
-            targets,
-            min_size=self.min_size,
-            max_size=self.max_size,
-            training=True,
-            need_masks=True,
-            num_classes=self.num_classes,
-        )
-        features = self.features(batch.tensors)
-        proposals, rpn_losses = self.rpn(batch, features, targets)
-        _, head_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        batch, targets, features = self._training_features(images, targets)
+        losses = self._detector_losses(batch, targets, features)
         logits = self.semantic_head(list(features.values())[:4])
         semantic = logits.new_full(logits.shape[:1] + logits.shape[2:], self.ignore_index, dtype=torch.int64)
         for i, target in enumerate(targets):
@@ -252,22 +243,16 @@ class PanopticFPN(MaskRCNN):
         loss = F.cross_entropy(logits, semantic, ignore_index=self.ignore_index)
         if not (semantic != self.ignore_index).any():  # nothing labelled: a zero that keeps the graph
             loss = logits.sum() * 0.0
-        return {**rpn_losses, **head_losses, "loss_semantic": self.semantic_loss_weight * loss}
+        return {**losses, "loss_semantic": self.semantic_loss_weight * loss}
 
     def _panoptic_inference(
         self, images: Tensor | Sequence[Tensor]
     ) -> tuple[list[dict[str, Tensor]], list[Tensor], list[tuple[int, int]]]:
         """Instance detections (boxes at original size, 28x28 mask probs) and semantic softmax."""
-        batch, _, original_sizes = preprocess(images, None, min_size=self.min_size, max_size=self.max_size)
-        features = self.features(batch.tensors)
-        proposals, _ = self.rpn(batch, features)
-        detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
+        detections, batch, features, original_sizes = self._detections(images)
         logits = self.semantic_head(list(features.values())[:4])
         probs = []
-        for i, (det, size, original) in enumerate(
-            zip(detections, batch.image_sizes, original_sizes, strict=True)
-        ):
-            det["boxes"] = postprocess_boxes(det["boxes"], size, original)
+        for i, (size, original) in enumerate(zip(batch.image_sizes, original_sizes, strict=True)):
             crop = logits[i : i + 1, :, : size[0], : size[1]]
             if tuple(size) != tuple(original):
                 crop = F.interpolate(crop, size=original, mode="bilinear", align_corners=False)
@@ -325,6 +310,9 @@ def panoptic_fpn(
     pretrained_backbone: bool | str = False,
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
+    fpn_channels: int = 256,
+    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     semantic_channels: int = 128,
     semantic_loss_weight: float = 0.5,
     ignore_index: int = 255,
@@ -335,7 +323,9 @@ def panoptic_fpn(
     rpn_pre_nms_top_n_test: int = 1000,
     rpn_post_nms_top_n_train: int = 2000,
     rpn_post_nms_top_n_test: int = 1000,
+    rpn_nms_thresh: float = 0.7,
     box_score_thresh: float = 0.05,
+    box_nms_thresh: float = 0.5,
     box_detections_per_img: int = 100,
     box_batch_size_per_image: int = 512,
     mask_threshold: float = 0.5,
@@ -365,25 +355,7 @@ def panoptic_fpn(
         num_classes=num_classes,
         num_stuff_classes=num_stuff_classes,
         categories=table,
-        semantic_channels=semantic_channels,
-        semantic_loss_weight=semantic_loss_weight,
-        ignore_index=ignore_index,
-        overlap_thresh=overlap_thresh,
-        stuff_area_thresh=stuff_area_thresh,
-        instance_score_thresh=instance_score_thresh,
-        min_size=min_size,
-        max_size=max_size,
-        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-        box_score_thresh=box_score_thresh,
-        box_detections_per_img=box_detections_per_img,
-        box_batch_size_per_image=box_batch_size_per_image,
-        mask_threshold=mask_threshold,
-        frozen_bn=frozen_bn,
-        fast_inference=fast_inference,
-        winograd=winograd,
+        **model_options(arguments),
     )
     model.config = builder_config("panoptic_fpn", arguments)
     return model

@@ -225,6 +225,15 @@ class AtrousDepthwiseConv2d(nn.Conv2d):
         return out if out is not None else _shifted_depthwise(x, weight, bias, self.dilation[0])
 
 
+def tensor_key(t: Tensor) -> tuple:
+    """Identifies a tensor's storage and contents version, for caches of derived weights.
+
+    Inference tensors (made under ``torch.inference_mode``) have no version counter; they cannot
+    be changed in place outside inference mode, so their storage identifies them.
+    """
+    return (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device)
+
+
 def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Weight and bias of one conv equal to ``bn(conv(x))`` with BN in eval mode (running stats)."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
@@ -269,7 +278,7 @@ class ConvBNAct(nn.Sequential):
         if torch.is_grad_enabled() or _tracing():  # fold differentiably / traceably, never cache
             return fold_batch_norm(conv, bn)
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        key = tuple(None if t is None else tensor_key(t) for t in tensors)
         key += (bn.eps,)
         if self._fold_cache is None or self._fold_cache[0] != key:
             weight, bias = fold_batch_norm(conv, bn)

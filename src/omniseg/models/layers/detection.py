@@ -40,6 +40,7 @@ __all__ = [
     "detections_to_segments",
     "label_category_ids",
     "mask_rles",
+    "model_options",
     "paste_masks",
     "preprocess",
     "postprocess_boxes",
@@ -84,6 +85,14 @@ def builder_config(name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
             value = list(value)
         config[key] = value
     return config
+
+
+BUILDER_ONLY = ("num_classes", "categories", "backbone", "pretrained_backbone", "num_stuff_classes")
+
+
+def model_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """A builder's arguments minus those it resolves itself (:data:`BUILDER_ONLY`): the model's options."""
+    return {k: v for k, v in arguments.items() if k not in BUILDER_ONLY}
 
 
 def label_category_ids(categories: CategoryTable) -> list[int]:

@@ -258,10 +258,9 @@ def fold_batchnorms(module: nn.Module) -> int:
 
 
 def _signature(module: nn.Module) -> tuple:
-    return tuple(
-        (t.data_ptr(), t._version, t.dtype, t.device)
-        for t in itertools.chain(module.parameters(), module.buffers())
-    )
+    from omniseg.models.layers import tensor_key
+
+    return tuple(tensor_key(t) for t in itertools.chain(module.parameters(), module.buffers()))
 
 
 class MkldnnConv2d(nn.Module):
