@@ -349,6 +349,13 @@ def load_torchvision_deeplabv3(model: DeepLabV3, state_dict: Mapping[str, Tensor
 
 
 # ------------------------------------------------------------------------------------- builders
+def _build_backbone(options: dict) -> Backbone:
+    """Pops the backbone arguments from a builder's ``options``; the rest go to the model."""
+    return build_backbone(
+        options.pop("backbone"), output_stride=options.pop("output_stride"), pretrained=options.pop("pretrained_backbone")
+    )
+
+
 @register_model("deeplabv3")
 def deeplabv3(
     *,
@@ -368,20 +375,8 @@ def deeplabv3(
     channels_last: bool = True,
 ) -> DeepLabV3:
     """DeepLabV3 on ``backbone`` (any :func:`build_backbone` name) at ``output_stride`` 8 or 16."""
-    return DeepLabV3(
-        build_backbone(backbone, output_stride=output_stride, pretrained=pretrained_backbone),
-        num_classes,
-        aux,
-        atrous_rates=atrous_rates,
-        aspp_dropout=aspp_dropout,
-        aux_weight=aux_weight,
-        ignore_index=ignore_index,
-        class_weights=class_weights,
-        label_smoothing=label_smoothing,
-        ohem_thresh=ohem_thresh,
-        ohem_min_kept=ohem_min_kept,
-        channels_last=channels_last,
-    )
+    options = dict(locals())
+    return DeepLabV3(_build_backbone(options), **options)
 
 
 @register_model("deeplabv3plus")
@@ -406,20 +401,5 @@ def deeplabv3plus(
     channels_last: bool = True,
 ) -> DeepLabV3Plus:
     """DeepLabV3+ on ``backbone`` (any :func:`build_backbone` name) at ``output_stride`` 8 or 16."""
-    return DeepLabV3Plus(
-        build_backbone(backbone, output_stride=output_stride, pretrained=pretrained_backbone),
-        num_classes,
-        low_level_channels,
-        decoder_channels,
-        separable=separable,
-        aux=aux,
-        atrous_rates=atrous_rates,
-        aspp_dropout=aspp_dropout,
-        aux_weight=aux_weight,
-        ignore_index=ignore_index,
-        class_weights=class_weights,
-        label_smoothing=label_smoothing,
-        ohem_thresh=ohem_thresh,
-        ohem_min_kept=ohem_min_kept,
-        channels_last=channels_last,
-    )
+    options = dict(locals())
+    return DeepLabV3Plus(_build_backbone(options), **options)
