@@ -162,6 +162,16 @@ def test_panoptic_model_trains_on_components_and_scores_pq(tmp_path):
     assert result["_task"] == "panoptic" and set(result["All"]) == {"pq", "sq", "rq", "n"}
     assert result["All"]["n"] == 3
 
+    # segment writes the panoptic merge as it is: --score-thresh filters detections, not stuff
+    from omniseg.predictor import load_predictor
+
+    predicted = load_predictor(str(out / "best")).predict(Path(spec["images"]) / "000.png")
+    assert len(predicted) and predicted.scores.max() < 1.0  # a score filter at 1.0 would drop them all
+    seg_out = tmp_path / "seg"
+    args = ["segment", str(Path(spec["images"]) / "000.png"), "--model", str(out / "best"), "--out", str(seg_out)]
+    assert main([*args, "--score-thresh", "1.0"]) == 0
+    assert len(json.loads((seg_out / "000.json").read_text())["segments"]) == len(predicted)
+
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     from omniseg.models.mask_rcnn import MaskRCNN

@@ -50,7 +50,7 @@ def _add_segment(sub) -> None:
     p.add_argument("--crf", action="store_true", help="dense CRF refinement")
     p.add_argument("--flip", action="store_true", default=None, help="test-time horizontal flip")
     p.add_argument("--force", action="store_true", help="redo images whose outputs already exist")
-    p.add_argument("--score-thresh", type=float, default=0.5, help="instance/panoptic models: keep segments scoring at least this")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="instance models and box detectors: keep detections scoring at least this")
     p.add_argument("--device", default="cpu")
 
 

@@ -41,8 +41,9 @@ def segment_paths(
 ) -> int:
     """Segment one image or every image in a folder; returns a process exit code (0, or 1 if any failed).
 
-    Instance and panoptic models keep the segments scoring at least ``score_thresh``; the label
-    PNG holds the category id of each pixel (255 = none), the overlay outlines every instance.
+    Instance models and box detectors keep the detections scoring at least ``score_thresh``
+    (a panoptic model's merge has applied its own thresholds); the label PNG holds the category id
+    of each pixel (255 = none), the overlay outlines every instance.
     """
     from omniseg.visualize import overlay
 
@@ -72,7 +73,7 @@ def segment_paths(
             failed.append(path)
             continue
         segments = predictor.predict(image, crf=crf, flip=flip)
-        if predictor.task != "semantic":
+        if predictor.task in ("instance", "detection"):  # panoptic merges already applied their thresholds
             segments = segments.subset(segments.scores >= score_thresh)
         overlay_path, labels_path, json_path = output_paths(out_dir, path)
         labels = segments.to_semantic(void_value=255)

@@ -8,9 +8,7 @@ import numpy as np
 from tqdm import tqdm
 
 from omniseg.data import open_dataset
-from omniseg.metrics.instance import InstanceAP
-from omniseg.metrics.panoptic import PanopticQuality
-from omniseg.metrics.semantic import SemanticMetric
+from omniseg.metrics import SemanticMetric, segments_metric, update_segments_metric
 from omniseg.predictor import load_predictor
 
 
@@ -39,14 +37,10 @@ def evaluate_checkpoint(
     if predictor.task != "semantic":
         if flip or scales or crf:
             raise ValueError(f"--flip, --scales and --crf apply to semantic models, not to a {predictor.task} model")
-        metric = PanopticQuality(categories) if predictor.task == "panoptic" else InstanceAP(categories)
+        metric = segments_metric(predictor.task, categories)
         for i in images:
             sample = dataset[i]
-            pred = predictor.predict(sample.image)
-            if predictor.task == "panoptic":
-                metric.update_segments(sample.segments, pred)
-            else:
-                metric.update(sample.image_id, sample.segments, pred)
+            update_segments_metric(metric, sample.image_id, sample.segments, predictor.predict(sample.image))
         result = metric.compute()
         if predictor.task == "detection":  # a box detector's "masks" are its filled boxes
             result.pop("segm")

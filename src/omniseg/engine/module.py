@@ -18,9 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from omniseg.metrics.instance import InstanceAP
-from omniseg.metrics.panoptic import PanopticQuality
-from omniseg.metrics.semantic import SemanticMetric
+from omniseg.metrics import SemanticMetric, segments_metric, update_segments_metric
 from omniseg.structures import CategoryTable
 
 MONITOR = {"semantic": "miou", "instance": "mask_ap", "detection": "box_ap", "panoptic": "pq"}
@@ -69,9 +67,7 @@ class SegmentationTask(L.LightningModule):
     def _new_metric(self):
         if self.task == "semantic":
             return SemanticMetric(self.num_classes, ignore_index=self.ignore_index)
-        if self.task == "panoptic":
-            return PanopticQuality(self.categories)
-        return InstanceAP(self.categories)
+        return segments_metric(self.task, self.categories)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -111,10 +107,7 @@ class SegmentationTask(L.LightningModule):
             return
         images, _, gts, image_ids = batch
         for image_id, gt, pred in zip(image_ids, gts, self.model(images), strict=True):
-            if self.task == "panoptic":
-                self.metric.update_segments(gt, pred)
-            else:
-                self.metric.update(image_id, gt, pred)
+            update_segments_metric(self.metric, image_id, gt, pred)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.world_size > 1:
