@@ -172,3 +172,19 @@ def test_config_rebuilds_the_model() -> None:
     assert {"deeplabv3", "deeplabv3plus"} <= set(list_models())
     with pytest.raises(KeyError, match="unknown model"):
         build_model({"name": "no-such-model"})
+
+
+def test_decoder_and_aspp_widths_are_separate() -> None:
+    model = build_model(
+        {"name": "deeplabv3plus", "num_classes": 4, "aspp_channels": 64, "decoder_channels": 32, "low_level_channels": 8}
+    ).eval()
+    assert model.aspp.project[0].out_channels == 64
+    first_pointwise = model.decoder[0][1][0]
+    assert (first_pointwise.in_channels, first_pointwise.out_channels) == (64 + 8, 32)
+    assert model.classifier.in_channels == 32
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 70, 90)).shape == (1, 4, 70, 90)
+    default = build_model({"name": "deeplabv3plus", "num_classes": 4, "decoder_channels": 32})
+    assert default.aspp.project[0].out_channels == 32  # the paper's layout: one width for both
+    rebuilt = build_model(json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())

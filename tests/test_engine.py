@@ -121,3 +121,22 @@ def test_cli_train_then_evaluate_and_segment(tmp_path, capsys):
     assert main(["segment", spec["images"], "--model", ckpt, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "skipping 4 image(s) already segmented" in err and "zzz.png: not a readable image" in err
+
+
+def test_validation_runs_at_the_configured_scale_and_answers_at_label_size():
+    from omniseg.engine.module import SegmentationTask
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images):
+            seen.append(tuple(images.shape[-2:]))
+            return images[:, :2] * 2  # "logits" that depend on the pixels
+
+    images = torch.randn(1, 3, 20, 30)
+    task = SegmentationTask(Recorder(), num_classes=2, val_scale=1.5, val_flip=True)
+    logits = task.predict_logits(images)
+    assert seen == [(30, 45), (30, 45)]  # both views at 1.5x
+    assert logits.shape == (1, 2, 20, 30)
+    plain = SegmentationTask(Recorder(), num_classes=2).predict_logits(images)
+    assert seen[-1] == (20, 30) and torch.equal(plain, images[:, :2] * 2)

@@ -16,6 +16,7 @@ import random
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omniseg.metrics import SemanticMetric, segments_metric, update_segments_metric
@@ -39,6 +40,7 @@ class SegmentationTask(L.LightningModule):
         total_steps: int = 1,
         poly_power: float = 0.9,
         val_flip: bool = False,
+        val_scale: float = 1.0,
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
@@ -60,6 +62,7 @@ class SegmentationTask(L.LightningModule):
         self.total_steps = max(total_steps, 1)
         self.poly_power = poly_power
         self.val_flip = val_flip
+        self.val_scale = val_scale
         self.ignore_index = ignore_index
         self.metric = self._new_metric()
         self.last_val: dict = {}
@@ -91,9 +94,14 @@ class SegmentationTask(L.LightningModule):
 
     # ---------------------------------------------------------------- validation
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        size = images.shape[-2:]
+        if self.val_scale != 1.0:
+            images = F.interpolate(images, scale_factor=self.val_scale, mode="bilinear", align_corners=False)
         logits = self.model(images)
         if self.val_flip:
             logits = logits + self.model(images.flip(-1)).flip(-1)
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
 
     def on_validation_epoch_start(self) -> None:

@@ -13,7 +13,8 @@ The model's ``task`` (semantic, instance, detection, panoptic) picks the data pi
 validation metric; a model that takes ``categories`` gets the training set's table unless the
 config gives ``categories`` or ``num_classes``.
 * ``train``: ``epochs``, ``lr``, ``weight_decay``, ``backbone_lr_mult``, ``warmup_steps``,
-  ``out_dir``, ``seed``, ``devices``, ``num_nodes``, ``strategy``, ``val_flip``, ``precision``,
+  ``out_dir``, ``seed``, ``devices``, ``num_nodes``, ``strategy``, ``val_flip``, ``val_scale``
+  (input scale of validation, for models trained on upscaled frames), ``precision``,
   ``threads``, ``max_steps``, ``max_time`` (``"DD:HH:MM:SS"`` wall-clock limit).
 """
 
@@ -235,6 +236,7 @@ def build_training(config: dict) -> tuple[L.Trainer, SegmentationTask, DataLoade
         total_steps=epochs * steps_per_epoch,
         poly_power=float(train_cfg.get("poly_power", 0.9)),
         val_flip=bool(train_cfg.get("val_flip", False)),
+        val_scale=float(train_cfg.get("val_scale", 1.0)),
     )
     # auto-numbered versions: a resumed run appends logs/version_N instead of overwriting history
     loggers: list = [CSVLogger(out_dir, name="logs")]

@@ -6,7 +6,9 @@
   :func:`load_torchvision_deeplabv3` loads its checkpoints and reproduces its logits.
 * :class:`DeepLabV3Plus` (Chen et al. 2018): ASPP output upsampled to stride 4, concatenated with
   the stride-4 features reduced to 48 channels, refined by two 3x3 conv-BN-ReLU (256), 1x1
-  classifier, upsampled to the input size. As in the official TF implementation
+  classifier, upsampled to the input size. ``decoder_channels`` sets the width of those two convs
+  and ``aspp_channels`` (default: the same) the ASPP's; at stride 4 the decoder is the model's
+  largest cost after the encoder, so a light encoder pairs best with a narrower decoder. As in the official TF implementation
   (``aspp_with_separable_conv`` and ``decoder_use_separable_conv``, both on for v3+), the 3x3 convs
   of ASPP and decoder are depthwise-separable by default; ``separable=False`` makes them dense.
 
@@ -280,6 +282,7 @@ class DeepLabV3Plus(_SemanticModel):
         low_level_channels: int = 48,
         decoder_channels: int = 256,
         *,
+        aspp_channels: int | None = None,
         separable: bool = True,
         aux: bool = False,
         atrous_rates: Sequence[int] | None = None,
@@ -305,11 +308,10 @@ class DeepLabV3Plus(_SemanticModel):
             channels_last=channels_last,
         )
         rates = tuple(atrous_rates) if atrous_rates is not None else atrous_rates_for(backbone.output_stride)
-        self.aspp = ASPP(
-            backbone.channels[3], rates, decoder_channels, dropout=aspp_dropout, separable=separable
-        )
+        aspp_channels = aspp_channels or decoder_channels
+        self.aspp = ASPP(backbone.channels[3], rates, aspp_channels, dropout=aspp_dropout, separable=separable)
         self.low_level = conv_bn_relu(backbone.channels[0], low_level_channels, 1)
-        fused = decoder_channels + low_level_channels
+        fused = aspp_channels + low_level_channels
         if separable:
             self.decoder = nn.Sequential(
                 SeparableConvBNReLU(fused, decoder_channels),
@@ -388,6 +390,7 @@ def deeplabv3plus(
     pretrained_backbone: bool | str = False,
     low_level_channels: int = 48,
     decoder_channels: int = 256,
+    aspp_channels: int | None = None,
     separable: bool = True,
     aux: bool = False,
     atrous_rates: Sequence[int] | None = None,
