@@ -23,7 +23,8 @@ def test_zoo_checkpoint_is_small_and_documents_itself():
     weights = ZOO_DIR / "camvid-deeplabv3plus-lite0.safetensors"
     assert weights.stat().st_size <= 20 * 2**20
     meta = json.loads(weights.with_suffix(".json").read_text())
-    assert meta["metrics"]["miou_flip_scales_1_1.25_1.5"] > 70
+    assert meta["metrics"]["miou_shipped_default"] >= 74
+    assert meta["inference"] == {"flip": True, "scales": [1.5]}
     assert meta["training"]["command"].startswith("omniseg train")
 
 
@@ -55,3 +56,13 @@ def test_main_command_writes_the_three_outputs(tmp_path):
     assert meta["model"] == "camvid-deeplabv3plus-lite0"
     assert sum(s["area"] for s in meta["segments"]) == labels.size
     assert (tmp_path / f"{stem}_overlay.png").is_file()
+
+
+def test_evaluate_defaults_to_the_recorded_inference_settings(shared_data):
+    from omniseg.engine.evaluate import evaluate_checkpoint
+
+    spec = {"format": "camvid", "root": str(shared_data / "camvid"), "split": "val"}
+    run = lambda **tta: evaluate_checkpoint("camvid-deeplabv3plus-lite0", spec, limit=2, progress=False, **tta)  # noqa: E731
+    recorded = run()
+    assert recorded["miou"] == run(flip=True, scales=[1.5])["miou"]
+    assert recorded["miou"] != run(flip=False, scales=[1.0])["miou"]

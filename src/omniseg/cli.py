@@ -36,8 +36,14 @@ def _add_evaluate(sub) -> None:
         help="dataset split as FORMAT:ROOT:SPLIT[:KEY=VALUE...] (e.g. camvid:../shared/data/camvid:val)",
     )
     p.add_argument("--subset", help="with --data: a slice START:STOP of the split in file order (e.g. 100:)")
-    p.add_argument("--flip", action="store_true", help="test-time horizontal flip")
-    p.add_argument("--scales", type=float, nargs="+", default=None, help="test-time scales, e.g. 0.75 1 1.25")
+    p.add_argument(
+        "--flip", action=argparse.BooleanOptionalAction, default=None,
+        help="test-time horizontal flip (default: as the checkpoint records)",
+    )  # fmt: skip
+    p.add_argument(
+        "--scales", type=float, nargs="+", default=None,
+        help="test-time scales, e.g. 1 1.25 1.5 (default: as the checkpoint records)",
+    )  # fmt: skip
     p.add_argument("--crf", action="store_true", help="dense CRF refinement")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -48,7 +54,10 @@ def _add_segment(sub) -> None:
     p.add_argument("--model", default=None, help="zoo name or checkpoint path (default: the shipped CamVid model)")
     p.add_argument("--out", type=Path, default=Path("out"))
     p.add_argument("--crf", action="store_true", help="dense CRF refinement")
-    p.add_argument("--flip", action="store_true", default=None, help="test-time horizontal flip")
+    p.add_argument(
+        "--flip", action=argparse.BooleanOptionalAction, default=None,
+        help="test-time horizontal flip (default: as the model records)",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="redo images whose outputs already exist")
     p.add_argument("--score-thresh", type=float, default=0.5, help="instance models and box detectors: keep detections scoring at least this")
     p.add_argument("--device", default="cpu")

@@ -16,14 +16,15 @@ def evaluate_checkpoint(
     checkpoint: str,
     data_spec: dict,
     *,
-    flip: bool = False,
+    flip: bool | None = None,
     scales: Sequence[float] | None = None,
     crf: bool = False,
     limit: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Metrics of a checkpoint on a labelled split: mIoU for semantic models (with optional TTA and
-    CRF), COCO mask and box AP for instance models (box AP only for box detectors), PQ for
+    CRF; ``flip`` and ``scales`` left ``None`` take the checkpoint's recorded inference settings, so
+    the figure is that of ``omniseg segment``), COCO mask and box AP for instance models (box AP only for box detectors), PQ for
     panoptic models. ``result["_task"]`` says which."""
     predictor = load_predictor(checkpoint)
     dataset = open_dataset(data_spec)
