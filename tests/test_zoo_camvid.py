@@ -62,7 +62,10 @@ def test_evaluate_defaults_to_the_recorded_inference_settings(shared_data):
     from omniseg.engine.evaluate import evaluate_checkpoint
 
     spec = {"format": "camvid", "root": str(shared_data / "camvid"), "split": "val"}
-    run = lambda **tta: evaluate_checkpoint("camvid-deeplabv3plus-lite0", spec, limit=2, progress=False, **tta)  # noqa: E731
+
+    def run(**tta):
+        return evaluate_checkpoint("camvid-deeplabv3plus-lite0", spec, limit=2, progress=False, **tta)
+
     recorded = run()
     assert recorded["miou"] == run(flip=True, scales=[1.5])["miou"]
     assert recorded["miou"] != run(flip=False, scales=[1.0])["miou"]

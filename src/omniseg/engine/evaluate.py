@@ -24,8 +24,8 @@ def evaluate_checkpoint(
 ) -> dict:
     """Metrics of a checkpoint on a labelled split: mIoU for semantic models (with optional TTA and
     CRF; ``flip`` and ``scales`` left ``None`` take the checkpoint's recorded inference settings, so
-    the figure is that of ``omniseg segment``), COCO mask and box AP for instance models (box AP only for box detectors), PQ for
-    panoptic models. ``result["_task"]`` says which."""
+    the figure is that of ``omniseg segment``), COCO mask and box AP for instance models (box AP
+    only for box detectors), PQ for panoptic models. ``result["_task"]`` says which."""
     predictor = load_predictor(checkpoint)
     dataset = open_dataset(data_spec)
     categories = predictor.categories

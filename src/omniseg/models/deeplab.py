@@ -8,8 +8,8 @@
   the stride-4 features reduced to 48 channels, refined by two 3x3 conv-BN-ReLU (256), 1x1
   classifier, upsampled to the input size. ``decoder_channels`` sets the width of those two convs
   and ``aspp_channels`` (default: the same) the ASPP's; at stride 4 the decoder is the model's
-  largest cost after the encoder, so a light encoder pairs best with a narrower decoder. As in the official TF implementation
-  (``aspp_with_separable_conv`` and ``decoder_use_separable_conv``, both on for v3+), the 3x3 convs
+  largest cost after the encoder, so a light encoder pairs best with a narrower decoder. As in
+  the official TF implementation (``aspp_with_separable_conv`` and ``decoder_use_separable_conv``, both on for v3+), the 3x3 convs
   of ASPP and decoder are depthwise-separable by default; ``separable=False`` makes them dense.
 
 Both follow the omniseg model contract: ``forward(images)`` returns logits ``(B, C, H, W)`` at the
