@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from omniseg.cli import main
-from omniseg.engine.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from omniseg.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from omniseg.engine.config import apply_overrides
 from omniseg.engine.train import train
 

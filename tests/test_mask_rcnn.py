@@ -330,7 +330,7 @@ def test_parallel_roi_align_is_exact():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    from omniseg.engine.checkpoint import load_model, save_checkpoint
+    from omniseg.checkpoint import load_model, save_checkpoint
 
     model = _tiny_model(box_score_thresh=0.0).eval()
     save_checkpoint(tmp_path / "mrcnn", model, model_config=model.config, categories=model.categories)

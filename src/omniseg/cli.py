@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_show(sub)
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "segment": cmd_segment, "show": cmd_show}
-    from omniseg.engine.checkpoint import CheckpointError
+    from omniseg.checkpoint import CheckpointError
 
     try:
         return handlers[args.command](args)

@@ -11,7 +11,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from omniseg.data.images import IMAGE_SUFFIXES, DataError, list_images, load_image
-from omniseg.engine.checkpoint import atomic_write_bytes
+from omniseg.checkpoint import atomic_write_bytes
 from omniseg.predictor import DEFAULT_MODEL, dump_json, load_predictor, segments_json
 
 VIEWS = {"semantic": "semantic", "instance": "instance", "detection": "instance", "panoptic": "panoptic"}

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from omniseg.data import open_dataset
 from omniseg.data.transforms import semantic_train_transform
-from omniseg.engine.checkpoint import atomic_write_json, save_checkpoint
+from omniseg.checkpoint import atomic_write_json, save_checkpoint
 from omniseg.engine.detection_data import SegmentsTrainSet, collate_lists
 from omniseg.engine.module import SegmentationTask
 from omniseg.engine.semantic_data import IGNORE, SemanticTrainSet
