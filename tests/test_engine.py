@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from omniseg.cli import main
 from omniseg.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from omniseg.cli import main
 from omniseg.engine.config import apply_overrides
 from omniseg.engine.train import train
 

@@ -9,10 +9,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from omniseg.checkpoint import read_checkpoint
 from omniseg.cli import main
 from omniseg.data import DataError, open_dataset
 from omniseg.data.label_folder import components_as_instances
-from omniseg.checkpoint import read_checkpoint
 from omniseg.engine.train import train
 from omniseg.structures import Category, CategoryTable
 

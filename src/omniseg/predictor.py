@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from omniseg.checkpoint import CheckpointError, checkpoint_paths, load_model
 from omniseg.data.images import load_image
 from omniseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
-from omniseg.checkpoint import CheckpointError, checkpoint_paths, load_model
 from omniseg.structures import CategoryTable, Segments
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from omniseg.data.images import IMAGE_SUFFIXES, DataError, list_images, load_image
 from omniseg.checkpoint import atomic_write_bytes
+from omniseg.data.images import IMAGE_SUFFIXES, DataError, list_images, load_image
 from omniseg.predictor import DEFAULT_MODEL, dump_json, load_predictor, segments_json
 
 VIEWS = {"semantic": "semantic", "instance": "instance", "detection": "instance", "panoptic": "panoptic"}

@@ -33,9 +33,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
+from omniseg.checkpoint import atomic_write_json, save_checkpoint
 from omniseg.data import open_dataset
 from omniseg.data.transforms import semantic_train_transform
-from omniseg.checkpoint import atomic_write_json, save_checkpoint
 from omniseg.engine.detection_data import SegmentsTrainSet, collate_lists
 from omniseg.engine.module import SegmentationTask
 from omniseg.engine.semantic_data import IGNORE, SemanticTrainSet
