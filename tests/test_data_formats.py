@@ -16,6 +16,9 @@ from pycocotools import mask as mask_utils
 from omniseg.data import (
     CITYSCAPES_LABELS,
     COCO80_NAMES,
+    DATASET_FORMATS,
+    FORMATS,
+    ROOT_LAYOUTS,
     Cityscapes,
     CocoInstances,
     CocoPanoptic,
@@ -26,9 +29,10 @@ from omniseg.data import (
     ade20k,
     camvid,
     cityscapes_categories,
+    formats_help,
     label_to_train_ids,
     load_image,
-    load_label_map,
+    load_label_png,
     open_dataset,
     train_to_label_ids,
     write_instance_results,
@@ -47,7 +51,7 @@ def test_camvid_every_label_round_trips(shared_data: Path) -> None:
     ds = camvid(root, "trainval")
     assert ds.ignore_index == 11 and len(ds.categories) == 11
     for _, label_path in ds.pairs:
-        label = load_label_map(label_path)
+        label = load_label_png(label_path)
         assert label.shape == (360, 480)
         assert not np.bincount(label.ravel(), minlength=256)[12:].any(), label_path  # values within 0..11
         segments = Segments.from_semantic(label, categories=ds.categories, ignore_index=ds.ignore_index)
@@ -217,7 +221,7 @@ def test_ade20k_sample(shared_data: Path) -> None:
     assert ds.categories[150].name == "flag" and ds.categories[150].isthing is True
     for i in range(len(ds)):
         sample = ds[i]
-        label = load_label_map(ds.pairs[i][1])
+        label = load_label_png(ds.pairs[i][1])
         assert 0 not in sample.segments.category_ids
         assert sorted(sample.segments.category_ids.tolist()) == sorted(set(np.unique(label).tolist()) - {0})
         np.testing.assert_array_equal(sample.segments.to_semantic(void_value=0), label)
@@ -420,6 +424,50 @@ def test_cityscapes_bad_files(tmp_path: Path) -> None:
         Cityscapes(tmp_path, "val")[0]
 
 
+# --------------------------------------------------------------------------- label_folder list files
+def test_label_folder_list_file_relative_and_segnet_paths(tmp_path: Path) -> None:
+    """Relative list entries are taken as written under the root; SegNet's absolute paths from
+    another machine are re-rooted to ROOT/<last folder>/<name>; existing absolute paths are kept."""
+    root = tmp_path / "ds"
+    label = np.array([[0, 1, 2, 2, 1, 0], [2, 2, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1], [2, 1, 0, 2, 1, 0]], np.uint8)
+    image = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+
+    def write_pair(image_path: str, label_path: str) -> None:
+        for rel, array in ((image_path, image), (label_path, label)):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / rel)
+
+    write_pair("images/train/x.jpg", "semantic/train/x.png")
+    write_pair("train/y.png", "trainannot/y.png")
+    (root / "train.txt").write_text("images/train/x.jpg semantic/train/x.png\n\n")
+    ds = open_dataset({"format": "label_folder", "list_file": str(root / "train.txt"), "classes": ["a", "b", "c"]})
+    assert ds.pairs == [(root / "images/train/x.jpg", root / "semantic/train/x.png")]
+    loaded_image, loaded_label = ds.load_pair(0)
+    assert loaded_image.shape == (4, 6, 3)
+    np.testing.assert_array_equal(loaded_label, label)
+
+    cats = CategoryTable.from_names(["a", "b", "c"])
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("images/train/x.jpg semantic/train/x.png\n")
+    ds = LabelFolderDataset.from_list_file(lists / "train.txt", root=root, categories=cats)  # root given
+    assert ds.pairs == [(root / "images/train/x.jpg", root / "semantic/train/x.png")]
+
+    (root / "segnet.txt").write_text("/SegNet/CamVid/train/y.png /SegNet/CamVid/trainannot/y.png\n")
+    ds = LabelFolderDataset.from_list_file(root / "segnet.txt", categories=cats)
+    assert ds.pairs == [(root / "train/y.png", root / "trainannot/y.png")]
+    np.testing.assert_array_equal(ds.load_pair(0)[1], label)
+
+    (lists / "absolute.txt").write_text(f"{root / 'images/train/x.jpg'} {root / 'semantic/train/x.png'}\n")
+    ds = LabelFolderDataset.from_list_file(lists / "absolute.txt", categories=cats)  # exists: as written
+    assert ds.pairs == [(root / "images/train/x.jpg", root / "semantic/train/x.png")]
+
+    (root / "val.txt").write_text("images/val/z.jpg semantic/val/z.png\n")
+    ds = LabelFolderDataset.from_list_file(root / "val.txt", categories=cats)
+    with pytest.raises(DataError, match=r"images/val/z\.jpg: file not found"):  # not re-rooted to ROOT/val
+        ds[0]
+
+
 # --------------------------------------------------------------------------- open_dataset
 def test_open_dataset_every_format(shared_data: Path, tmp_path: Path) -> None:
     d = shared_data
@@ -464,6 +512,28 @@ def test_open_dataset_every_format(shared_data: Path, tmp_path: Path) -> None:
         open_dataset({"format": "coco", "annotations": "a.json", "img": "x"})
     with pytest.raises(DataError, match=r"missing \['annotations'\]"):
         open_dataset({"format": "coco"})
+
+
+def test_formats_are_declared_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """FORMATS, ROOT_LAYOUTS and the CLI help all come from DATASET_FORMATS."""
+    from omniseg.cli import main
+    from omniseg.show import DATASET_CHOICES
+
+    assert list(FORMATS) == list(DATASET_FORMATS)
+    assert all(FORMATS[name] == (f.required, f.optional) for name, f in DATASET_FORMATS.items())
+    assert ROOT_LAYOUTS == {name: f.root_layout for name, f in DATASET_FORMATS.items() if f.root_layout}
+    assert set(ROOT_LAYOUTS) == {"camvid", "coco", "coco_panoptic", "cityscapes", "ade20k", "yolo"}
+    with pytest.raises(SystemExit):
+        main(["show", "--help"])
+    cli_help = capsys.readouterr().out
+    assert DATASET_CHOICES == formats_help() and DATASET_CHOICES in cli_help
+    for name, f in DATASET_FORMATS.items():
+        if f.root_layout:
+            assert f"  {name}:ROOT{':SPLIT' if f.split_required else '[:SPLIT]'}  " in DATASET_CHOICES
+        else:  # opened from explicit paths only: named at the end
+            assert name in DATASET_CHOICES.split("one of", 1)[1].split("e.g.", 1)[1]
+    assert max(len(line) for line in DATASET_CHOICES.splitlines()) <= 100
+    assert "``coco_panoptic``" in open_dataset.__doc__  # the keys documentation is generated too
 
 
 # --------------------------------------------------------------------------- bad input
@@ -538,7 +608,7 @@ def test_coco_panoptic_bad_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="a.png: size 6x4 does not match its image 6x5"):
         CocoPanoptic(write(info, height=5))[0]
     Image.new("L", (6, 4)).save(pngs / "a.png")
-    with pytest.raises(DataError, match="a.png: expected an RGB panoptic PNG"):
+    with pytest.raises(DataError, match="a.png: panoptic PNG must be RGB"):
         CocoPanoptic(write(info))[0]
 
 
@@ -558,7 +628,7 @@ def test_label_folder_bad_labels(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="labels/a.png: label map size 6x4 does not match its image 5x4"):
         ds[0]
     Image.new("RGB", (5, 4)).save(labels / "a.png")
-    with pytest.raises(DataError, match="labels/a.png: label map must have one channel"):
+    with pytest.raises(DataError, match="labels/a.png: label PNG must be single-channel"):
         ds[0]
     (labels / "a.png").unlink()
     with pytest.raises(DataError, match="labels/a.png: label file for image .*a.png not found"):

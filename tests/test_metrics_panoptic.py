@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared_data
+from omniseg import io as omniseg_io
 from omniseg.metrics import EvaluationError, PanopticQuality, evaluate_panoptic_files, format_table
 from omniseg.metrics import files as metric_files
 from omniseg.metrics.files import read_panoptic_png
@@ -391,11 +392,11 @@ def test_pyspng_and_pil_decode_identical_ids(folder: str, monkeypatch: pytest.Mo
     paths = sorted(shared_data("panoptic_pq_fixtures").joinpath(folder).glob("*.png"))
     assert paths
     for path in paths:
-        assert metric_files._spng_rgb(path) is not None, f"{path} did not take the pyspng path"
+        assert omniseg_io._spng_rgb(path) is not None, f"{path} did not take the pyspng path"
     fast = [read_panoptic_png(p) for p in paths]
-    monkeypatch.setattr(metric_files, "pyspng", None)
+    monkeypatch.setattr(omniseg_io, "pyspng", None)
     for path, ids in zip(paths, fast, strict=True):
-        assert metric_files._spng_rgb(path) is None
+        assert omniseg_io._spng_rgb(path) is None
         slow = read_panoptic_png(path)
         assert ids.dtype == slow.dtype == np.int32
         np.testing.assert_array_equal(ids, slow, err_msg=str(path))

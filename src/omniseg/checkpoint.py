@@ -1,53 +1,26 @@
 """Model checkpoints: safetensors weights + the model's config + category metadata.
 
 A checkpoint is a directory-free pair of files ``NAME.safetensors`` and ``NAME.json`` so that
-``load(path)`` needs nothing else. Both are written atomically (temp file + ``os.replace``), so a
-kill mid-write leaves the previous checkpoint intact.
+``load(path)`` needs nothing else. Both are written atomically (:mod:`omniseg.io`), so a kill
+mid-write leaves the previous checkpoint intact.
+
+torch and safetensors are imported inside the functions: ``from omniseg.checkpoint import
+CheckpointError`` (what the command line does) costs no torch import.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
-
+from omniseg.errors import CheckpointError, DataError
+from omniseg.io import atomic_path, atomic_write_json, load_json
 from omniseg.structures import CategoryTable
 
+if TYPE_CHECKING:
+    import torch
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or does not fit the model it describes."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _umask_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask_mode(path: str) -> None:
-    """mkstemp creates 0600 files; give the final file the mode a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+__all__ = ["CheckpointError", "checkpoint_paths", "load_model", "read_checkpoint", "save_checkpoint"]
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -68,23 +41,17 @@ def save_checkpoint(
     extra: dict | None = None,
 ) -> tuple[Path, Path]:
     """Write weights and metadata; ``half`` stores float tensors as float16 (loaded back as float32)."""
+    from safetensors.torch import save_file
+
     weights_path, meta_path = checkpoint_paths(path)
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {}
     for key, value in model.state_dict().items():
         value = value.detach().cpu().contiguous()
         if half and value.is_floating_point():
             value = value.half()
         state[key] = value
-    fd, tmp = tempfile.mkstemp(dir=weights_path.parent, prefix=f".{weights_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "omniseg"})
-        _umask_mode(tmp)
-        os.replace(tmp, weights_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(weights_path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "omniseg"})
     meta = {"model": model_config, "categories": categories.to_dicts(), **(extra or {})}
     atomic_write_json(meta_path, meta)
     return weights_path, meta_path
@@ -92,14 +59,19 @@ def save_checkpoint(
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """``(state_dict, metadata)``; float16 tensors come back as float32."""
+    import torch
+    from safetensors.torch import load_file
+
     weights_path, meta_path = checkpoint_paths(path)
     for p in (weights_path, meta_path):
         if not p.is_file():
             raise CheckpointError(f"{p}: checkpoint file not found (a checkpoint is NAME.safetensors + NAME.json)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{meta_path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+        meta = load_json(meta_path, "checkpoint metadata")
+    except DataError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: checkpoint metadata must be a JSON object")
     for key in ("model", "categories"):
         if key not in meta:
             raise CheckpointError(f"{meta_path}: missing '{key}' entry")

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omniseg.data import DataError, open_dataset
+from omniseg.data import DataError, formats_help, open_dataset
 from omniseg.visualize import VIEWS, overlay, save_png
 
-DATASET_CHOICES = """\
-FORMAT:ROOT[:SPLIT], one of
-  camvid:ROOT[:SPLIT]         ROOT/SPLIT.txt lists image/label pairs; SPLIT train|val|test|trainval
-  ade20k:ROOT[:SPLIT]         ROOT/objectInfo150.csv + ROOT/images/SPLIT, ROOT/annotations/SPLIT
-                              (SPLIT training|validation), or ROOT/sampleData/{images,annotations}
-  cityscapes:ROOT[:SPLIT]     ROOT/leftImg8bit/SPLIT + ROOT/gtFine/SPLIT (SPLIT train|val, default val)
-  coco:ROOT[:SPLIT]           ROOT/annotations/instances_SPLIT.json + ROOT/SPLIT/, ROOT/SPLIT.json,
-                              or ROOT/annotations.json without SPLIT
-  coco_panoptic:ROOT:SPLIT    ROOT/annotations/panoptic_SPLIT.json (+ panoptic_SPLIT/ PNGs, ROOT/SPLIT/
-                              photos), or ROOT/SPLIT.json + ROOT/SPLIT/ PNGs; no photos = black images
-  yolo:ROOT[:SPLIT]           ROOT/images/SPLIT + ROOT/labels/SPLIT (polygon .txt files, COCO-80 names)
-e.g. camvid:../shared/data/camvid:val, coco_panoptic:../shared/data/coco_panoptic_sample:panoptic_examples,
-yolo:../shared/data/coco128_seg:train2017. From Python, open_dataset() also takes explicit paths."""
-"""Help text for the CLI's dataset argument."""
+DATASET_CHOICES = formats_help()
+"""Help text for the CLI's dataset argument (generated from :data:`omniseg.data.DATASET_FORMATS`)."""
 
 
 def show_sample(dataset_spec: dict, index: int, out: Path, view: str = "panoptic") -> Path:

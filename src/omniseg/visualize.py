@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from omniseg.data.coco import atomic_path
+from omniseg.io import atomic_path
 from omniseg.structures import Category, CategoryTable, Segments, default_color
 
 VIEWS = ("panoptic", "semantic", "instance")
@@ -306,7 +306,7 @@ def overlay(
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Save an ``(H, W, 3)`` or ``(H, W)`` uint8 array as PNG, atomically (tmp + ``os.replace``)."""
+    """Save an ``(H, W, 3)`` or ``(H, W)`` uint8 array as PNG, atomically (:func:`omniseg.io.atomic_path`)."""
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise ValueError(f"save_png needs a uint8 (H, W) or (H, W, C) array, got {array.dtype} {array.shape}")

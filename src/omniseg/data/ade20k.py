@@ -15,8 +15,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from omniseg.data.images import DataError
 from omniseg.data.label_folder import LabelFolderDataset
+from omniseg.errors import DataError
 from omniseg.structures import Category, CategoryTable, default_color
 
 ADE20K_IGNORE = 0

@@ -31,8 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from omniseg.data.coco import atomic_path
-from omniseg.data.images import DataError, load_image, load_label_map
+from omniseg.io import DataError, atomic_path, atomic_write_text, load_image, load_label_png
 from omniseg.structures import VOID, Category, CategoryTable, Sample, Segments
 
 
@@ -228,13 +227,13 @@ class Cityscapes:
         image_path, label_path, instance_path = self.paths(index)
         image = load_image(image_path) if self.load_images else None
         size = image.shape[:2] if image is not None else None
-        label_ids = load_label_map(label_path, expected_size=size)
+        label_ids = load_label_png(label_path, expected_size=size)
         if int(label_ids.max(initial=0)) >= NUM_LABEL_IDS:
             bad = sorted(v for v in np.unique(label_ids).tolist() if v >= NUM_LABEL_IDS)
             raise DataError(f"{label_path}: unknown label id(s) {bad}; Cityscapes labelIds are 0..33")
         instance_ids = None
         if self.use_instances:
-            instance_ids = load_label_map(instance_path, expected_size=label_ids.shape)
+            instance_ids = load_label_png(instance_path, expected_size=label_ids.shape)
         segments = cityscapes_segments(
             label_ids, instance_ids, label_space=self.label_space, categories=self.categories
         )
@@ -292,6 +291,4 @@ def write_instance_results(
             Image.fromarray(prediction.mask(i).astype(np.uint8) * 255).save(tmp, format="PNG")
         lines.append(f"{rel} {label_id} {float(prediction.scores[i]):.6f}")
     txt = out_dir / f"{stem}.txt"
-    with atomic_path(txt) as tmp:
-        tmp.write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
-    return txt
+    return atomic_write_text(txt, "\n".join(lines) + ("\n" if lines else ""))

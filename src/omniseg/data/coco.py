@@ -11,17 +11,13 @@ RLE, ``counts`` as str), ``score`` and ``bbox`` (x, y, w, h).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from omniseg.data.images import DataError, load_image, load_json
+from omniseg.io import DataError, atomic_write_json, load_image, load_json
 from omniseg.structures import CategoryTable, Sample, Segments
 
 
@@ -198,33 +194,6 @@ def segments_to_results(image_id: int | str, segments: Segments) -> list[dict]:
     return results
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` with ``os.replace``.
-
-    A crash or an exception while writing leaves the old ``path`` (if any) untouched, so
-    nothing already written is lost to a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        # mkstemp makes the file private (0600); results are meant to be read by others
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
 def write_results(
     path: str | Path,
     predictions: Mapping[int | str, Segments] | Iterable[tuple[int | str, Segments]],
@@ -238,5 +207,5 @@ def write_results(
     results: list[dict] = []
     for image_id, segments in items:
         results += segments_to_results(image_id, segments)
-    atomic_write_text(path, json.dumps(results))
+    atomic_write_json(path, results, indent=None)
     return results

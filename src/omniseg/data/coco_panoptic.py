@@ -8,7 +8,6 @@ reads both and the writer writes both.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from omniseg.data.coco import atomic_path, atomic_write_text
-from omniseg.data.images import DataError, load_image, load_json, load_rgb_png
-from omniseg.structures import VOID, CategoryTable, Sample, Segments, id_to_rgb, rgb_to_id
+from omniseg.io import DataError, atomic_path, atomic_write_json, load_image, load_json, load_panoptic_png
+from omniseg.structures import VOID, CategoryTable, Sample, Segments, id_to_rgb
 
 MAX_SEGMENT_ID = 256**3 - 1  # the largest id an RGB PNG can hold
 
@@ -111,7 +109,7 @@ class CocoPanoptic:
             if info and "height" in info and "width" in info
             else None
         )
-        id_map = rgb_to_id(load_rgb_png(png, expected_size=size))
+        id_map = load_panoptic_png(png, expected_size=size)
         segments_info = []
         for s in ann["segments_info"]:
             if int(s["id"]) == VOID:
@@ -242,7 +240,7 @@ class CocoPanopticWriter:
                 for c in self.categories
             ],
         }
-        return atomic_write_text(self.annotation_file, json.dumps(data))
+        return atomic_write_json(self.annotation_file, data, indent=None)
 
     def __enter__(self) -> CocoPanopticWriter:
         return self

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omniseg.data.images import DataError, list_images, load_image, load_label_map
+from omniseg.io import DataError, list_images, load_image, load_label_png
 from omniseg.structures import Category, CategoryTable, Sample, Segments, default_color
 
 CAMVID_CLASSES = (
@@ -45,6 +45,16 @@ def voc_categories() -> CategoryTable:
     )
 
 
+def _list_entry(root: Path, entry: str) -> Path:
+    """One path of a list file; see :meth:`LabelFolderDataset.from_list_file`."""
+    path = Path(entry)
+    if not path.is_absolute():
+        return root / path
+    if path.is_file():
+        return path
+    return root / path.parent.name / path.name
+
+
 class LabelFolderDataset:
     """Image + single-channel label pairs; pixel value = category id, ``ignore_index`` = void."""
 
@@ -70,6 +80,14 @@ class LabelFolderDataset:
     def from_list_file(
         cls, list_file: str | Path, *, root: str | Path | None = None, **kwargs
     ) -> LabelFolderDataset:
+        """Pairs from a list file of ``IMAGE LABEL`` lines (blank lines skipped).
+
+        Relative paths are taken as written, relative to ``root`` (default: the list file's
+        folder). An absolute path is used as written if the file exists; otherwise it is taken
+        to come from another machine, as SegNet's CamVid lists (``/SegNet/CamVid/train/x.png``)
+        do, and its last folder and file name are looked up under ``root``
+        (``ROOT/train/x.png``).
+        """
         list_file = Path(list_file)
         if not list_file.is_file():
             raise DataError(f"{list_file}: split list not found")
@@ -81,8 +99,7 @@ class LabelFolderDataset:
                 continue
             if len(parts) != 2:
                 raise DataError(f"{list_file}:{lineno}: expected 'IMAGE LABEL', got {line!r}")
-            # CamVid's lists carry SegNet's absolute paths; keep only the part below the root.
-            image, label = (root / Path(p).parent.name / Path(p).name for p in parts)
+            image, label = (_list_entry(root, p) for p in parts)
             pairs.append((image, label))
         return cls(pairs, **kwargs)
 
@@ -106,7 +123,7 @@ class LabelFolderDataset:
         """``(image (H, W, 3) uint8, label (H, W) int64)`` with the label checked against the class table."""
         image_path, label_path = self.pairs[index]
         image = load_image(image_path)
-        label = load_label_map(label_path, expected_size=image.shape[:2]).astype(np.int64)
+        label = load_label_png(label_path, expected_size=image.shape[:2]).astype(np.int64)
         high = int(label.max(initial=0))
         if high >= len(self._valid) or not self._valid[np.unique(label)].all():
             bad = sorted(set(np.unique(label).tolist()) - set(self.categories.ids) - {self.ignore_index})

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from omniseg.data.images import DataError, list_images, load_image
+from omniseg.io import DataError, list_images, load_image
 from omniseg.structures import CategoryTable, Sample, Segments
 
 COCO80_NAMES = (
