@@ -4,7 +4,8 @@
 
 Both models get the same ResNet-50-FPN weights: torchvision's seeded random initialisation made
 trained-like (``tests/tv_reference.py``: calibrated and frozen batch norm, damped residual branches,
-spread class biases), loaded into omniseg with ``load_torchvision_maskrcnn``. Batch 1; the two
+spread class biases), loaded into omniseg with ``load_torchvision_maskrcnn``; ours then goes through
+``omniseg.optimize_for_inference`` (``--no-winograd``: with ``winograd=False``). Batch 1; the two
 models alternate over ``--repeats`` runs and medians are reported, so that a busy machine slows
 both alike. Stage times come from hooks on torchvision's submodules and the matching parts of ours;
 ``mask pasting`` is torchvision's ``transform.postprocess`` against our ``paste_masks``.
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import omniseg.models.mask_rcnn as omniseg_mask_rcnn  # noqa: E402
 from omniseg.models import build_model  # noqa: E402
 from omniseg.models.torchvision_import import load_torchvision_maskrcnn  # noqa: E402
+from omniseg.optimize import optimize_for_inference  # noqa: E402
 from tv_reference import make_trained_like, match_detections, normalise, structured_images  # noqa: E402
 
 STAGES = ("pre-processing", "backbone", "FPN", "RPN", "RoI box head", "mask head", "mask pasting")
@@ -90,7 +92,8 @@ def instrument_torchvision(model: nn.Module, timer: StageTimer) -> None:
 def instrument_ours(model: nn.Module, timer: StageTimer) -> None:
     omniseg_mask_rcnn.preprocess = timer.wrap(omniseg_mask_rcnn.preprocess, "pre-processing")
     # the fast path runs a batch-norm-folded copy of the backbone: time that one (built by the warm-up)
-    backbone = model._inference_backbone.get(model.backbone) if model.fast_inference else model.backbone
+    copy = model.inference_backbone
+    backbone = copy.get(model.backbone) if copy is not None else model.backbone
     timer.hook(backbone, "backbone")
     timer.hook(model.fpn, "FPN")
     timer.hook(model.rpn, "RPN")
@@ -128,8 +131,7 @@ def main() -> None:
     make_trained_like(theirs, structured_images(2, h, w, seed=args.seed + 1))
     ours = build_model({"name": "mask_rcnn", "num_classes": 91, "min_size": h, "max_size": 1333})
     load_torchvision_maskrcnn(ours, theirs.state_dict())
-    ours.eval()
-    ours.winograd = args.winograd
+    optimize_for_inference(ours, winograd=args.winograd)
     image = structured_images(1, h, w, seed=args.seed + 2)[0]
     ours_input = [normalise(image)]
 
@@ -155,7 +157,7 @@ def main() -> None:
             stages[name].append(timer.take())
     # the product path: Segments (RLE masks) instead of full-size probability maps
     start = time.perf_counter()
-    ours(ours_input)
+    ours.post_process(ours(ours_input), [tuple(x.shape[-2:]) for x in ours_input])
     segments_time = time.perf_counter() - start
 
     def median_run(name: str) -> dict[str, float]:
@@ -168,7 +170,7 @@ def main() -> None:
 
     tv_total = statistics.median(totals["torchvision"])
     our_total = statistics.median(totals["omniseg"])
-    mode = "defaults (fast_inference, winograd)" if args.winograd else "fast_inference, winograd=False"
+    mode = "optimize_for_inference()" if args.winograd else "optimize_for_inference(winograd=False)"
     print(
         f"Mask R-CNN ResNet-50-FPN, CPU, {args.threads} threads, batch 1, {h}x{w}, "
         f"{len(reference['boxes'])} detections, median of {args.repeats} alternating runs; omniseg: {mode}\n"
@@ -182,7 +184,7 @@ def main() -> None:
     other_ours = our_total - sum(median_stage("omniseg", s) for s in STAGES)
     print(f"| other (box resize, glue) | {other_tv:.3f} | {other_ours:.3f} | |")
     print(f"| **total** | **{tv_total:.3f}** | **{our_total:.3f}** | **{our_total / tv_total:.2f}** |")
-    print(f"\nomniseg forward() -> Segments with RLE masks (one run): {segments_time:.3f} s")
+    print(f"\nomniseg forward() + post_process() -> Segments with RLE masks (one run): {segments_time:.3f} s")
     print(
         f"outputs: {stats['matched']} matched detections, {stats['unmatched']} unmatched, "
         f"max box diff {stats['max_box_diff']:.2e} px, max score diff {stats['max_score_diff']:.2e}, "

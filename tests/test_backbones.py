@@ -13,7 +13,8 @@ from torch import nn
 
 from omniseg.models.backbones import PretrainedWeightsUnavailable, build_backbone
 from omniseg.models.backbones.efficientnet_lite import convert_reference_state_dict, shipped_weights_path
-from omniseg.models.layers import AtrousDepthwiseConv2d, ConvBNAct, set_bn_folding
+from omniseg.models.layers import AtrousDepthwiseConv2d, ConvBNAct
+from omniseg.optimize import optimize_for_inference
 
 
 def expected_sizes(height: int, width: int, output_stride: int) -> list[tuple[int, int]]:
@@ -131,10 +132,8 @@ def test_efficientnet_lite0_matches_reference(image_size: int | None, height: in
     x = torch.randn(2, 3, height, width)
     with torch.no_grad():
         expected = _reference_features(reference, x)
-        set_bn_folding(ours, False)  # the conversion itself must be exact
-        exact = ours(x)
-        set_bn_folding(ours, True)  # the inference path folds BN: equal up to float rounding
-        folded = ours(x)
+        exact = ours(x)  # as built: the conversion itself must be exact
+        folded = optimize_for_inference(ours)(x)  # BN folded: equal up to float rounding
     for e, a, f in zip(expected, exact, folded, strict=True):
         assert e.shape == a.shape
         assert (e - a).abs().max().item() <= 1e-5
@@ -191,7 +190,8 @@ def test_conv_bn_act_inference_paths(act) -> None:
         block[1].running_var.uniform_(0.5, 2)
         block[1].weight.uniform_(0.5, 2)
         block[1].bias.uniform_(-1, 1)
-    block.eval()
+    optimize_for_inference(block)  # eval mode, BN folded, conv + activation fused
+    assert block.folding and block.fused_conv
     x = torch.randn(2, 5, 11, 13) * 3
     expected = act()(block[1](block[0](x)))
     assert torch.allclose(block(x), expected, atol=1e-5)  # folded, differentiable

@@ -1,10 +1,20 @@
 """omniseg: semantic, instance and panoptic segmentation in one PyTorch toolkit."""
 
+from omniseg.optimize import optimize_for_inference
 from omniseg.structures import Category, CategoryTable, Instances, Sample, Segments
 
 __version__ = "0.1.0"
 
-__all__ = ["Category", "CategoryTable", "Instances", "Sample", "Segments", "load", "__version__"]
+__all__ = [
+    "Category",
+    "CategoryTable",
+    "Instances",
+    "Sample",
+    "Segments",
+    "__version__",
+    "load",
+    "optimize_for_inference",
+]
 
 
 def load(name_or_path: str = "camvid-deeplabv3plus-lite0", *, device: str = "cpu"):

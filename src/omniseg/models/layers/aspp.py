@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniseg.models.layers import AtrousDepthwiseConv2d, ConvBNAct, keep_grad_format
+from omniseg.models.layers.atrous import AtrousDepthwiseConv2d, keep_grad_format
+from omniseg.models.layers.conv import ConvBNAct
 
 
 def atrous_rates_for(output_stride: int) -> tuple[int, int, int]:

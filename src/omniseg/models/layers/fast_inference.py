@@ -10,8 +10,8 @@ different model to fix:
   results differ from a direct convolution by ~1e-5 relative (rounding in the transforms). With
   trained-like weights a detector's boxes then still agree to an ulp or two; an untrained ResNet
   whose residual branches are as large as its identity paths amplifies any rounding (batch-norm
-  folding and GEMMs included) to 1e-3-1e-2 px, which is why the models keep a switch
-  (``winograd=False``) and an exact path (``fast_inference=False``).
+  folding and GEMMs included) to 1e-3-1e-2 px, which is why there is a switch
+  (``optimize_for_inference(model, winograd=False)``) and the exact path (the model as built).
 * **1x1 convolutions** are plain matrix products; MKL's GEMM on the NCHW tensor avoids oneDNN's
   layout reorders and is 1.3-2x faster at these shapes (same sums in another order: ~1e-7).
 * **Reorders**: on NCHW tensors every oneDNN convolution converts its input, output and weights to
@@ -21,9 +21,16 @@ different model to fix:
 * **Frozen batch norm** after every backbone convolution is a memory-bound pass over each feature
   map; in inference it is an affine map that folds into the convolution's weight and bias.
 
-The fast paths run only where they are exact in meaning: no autograd (``torch.no_grad`` /
-``inference_mode``), float32 CPU tensors. Training, GPUs and gradient-based inspection take the
-ordinary ``nn.Conv2d`` path, so the same module trains and exports as usual.
+None of this is on in a built model: :func:`omniseg.optimize_for_inference` switches it on
+(:func:`configure_fast_convs`, :class:`InferenceCopy`). Even then the fast paths run only where
+they are exact in meaning: no autograd (``torch.no_grad`` / ``inference_mode``), float32 CPU
+tensors. Training, GPUs and gradient-based inspection take the ordinary ``nn.Conv2d`` path.
+
+The private PyTorch APIs used here -- ``torch._nnpack_spatial_convolution`` (with
+``torch._nnpack_available``), ``torch._C._nn.mkldnn_reorder_conv2d_weight`` and tensor version
+counters -- are each probed before first use (:mod:`omniseg.models.layers.private_ops`); where one
+is missing or fails, the layer computes its plain path: oneDNN's direct 3x3 convolution instead
+of Winograd, unpacked oneDNN weights, the model's own backbone instead of the cached copy.
 
 Folding batch norm changes a module's structure (and its state dict), so it is applied to a
 private copy: :class:`InferenceCopy` keeps a folded, fast copy of a module and rebuilds it when any
@@ -38,40 +45,54 @@ import itertools
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from omniseg.models.layers.private_ops import PrivateOp, tensor_key
+
 __all__ = [
+    "MKLDNN_REORDER",
+    "NNPACK_CONV",
     "FastConv2d",
     "InferenceCopy",
     "MkldnnConv2d",
     "MkldnnLayout",
     "MkldnnWinogradConv2d",
+    "configure_fast_convs",
     "fast_path_enabled",
     "fold_batchnorms",
     "freeze_batchnorms",
     "nnpack_available",
-    "set_fast_inference",
     "to_fast_convs",
     "to_mkldnn_layout",
     "winograd_conv",
 ]
 
 
-def _init_nnpack() -> bool:
+# ----------------------------------------------------------------------- NNPACK (Winograd 3x3)
+def _resolve_nnpack():
     # torch._nnpack_available() also initialises NNPACK; calling the convolution before that fails.
-    try:
-        return bool(torch._nnpack_available())
-    except Exception:  # a build without NNPACK, or a future PyTorch without the private op
-        return False
+    if not torch._nnpack_available():
+        raise RuntimeError("this PyTorch build has no NNPACK")
+    return torch._nnpack_spatial_convolution
 
 
-_NNPACK = _init_nnpack()
+def _probe_nnpack(op) -> bool:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 12, 10, generator=g)
+    weight, bias = torch.randn(6, 8, 3, 3, generator=g), torch.randn(6, generator=g)
+    got = op(x, weight, bias, [1, 1])
+    expected = F.conv2d(x, weight, bias, padding=1)
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-3, atol=1e-3)
+
+
+NNPACK_CONV = PrivateOp("torch._nnpack_spatial_convolution", _resolve_nnpack, _probe_nnpack)
 
 
 def nnpack_available() -> bool:
     """Whether the Winograd (NNPACK) path for 3x3 convolutions is usable in this process."""
-    return _NNPACK
+    return NNPACK_CONV.available()
 
 
 def fast_path_enabled(x: Tensor) -> bool:
@@ -103,15 +124,16 @@ def _pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class FastConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, same state dict) with faster CPU inference kernels.
+    """``nn.Conv2d`` (same parameters, same state dict) with faster CPU inference kernels, off until
+    switched on (:func:`configure_fast_convs`, called by :func:`omniseg.optimize_for_inference`).
 
-    Outside autograd on float32 CPU tensors: 1x1 convolutions (any stride) run as GEMMs and 3x3
-    stride-1 convolutions as NNPACK Winograd convolutions; everything else is ``nn.Conv2d``.
-    ``fast = False`` (see :func:`set_fast_inference`) makes it a plain ``nn.Conv2d``.
+    Outside autograd on float32 CPU tensors: with ``gemm``, 1x1 convolutions (any stride) run as
+    GEMMs; with ``winograd``, 3x3 stride-1 convolutions as NNPACK Winograd convolutions; everything
+    else (and everything while both are off) is ``nn.Conv2d``.
     """
 
-    fast: bool = True
-    winograd: bool = True
+    gemm: bool = False
+    winograd: bool = False
 
     def _kind(self) -> str:
         plain = self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
@@ -122,10 +144,10 @@ class FastConv2d(nn.Conv2d):
         return "default"
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.fast or not fast_path_enabled(x) or x.dim() != 4 or not x.is_contiguous():
+        if not (self.gemm or self.winograd) or not fast_path_enabled(x) or x.dim() != 4 or not x.is_contiguous():
             return super().forward(x)
         kind = self._kind()
-        if kind == "pointwise":
+        if kind == "pointwise" and self.gemm:
             if self.stride != (1, 1):
                 x = x[:, :, :: self.stride[0], :: self.stride[1]].contiguous()
             return _pointwise(x, self.weight, self.bias)
@@ -143,45 +165,42 @@ class FastConv2d(nn.Conv2d):
 
 
 def winograd_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """3x3, stride 1, padding 1 convolution by NNPACK (Winograd); ``None`` where NNPACK is missing."""
-    global _NNPACK
-    if not _NNPACK:
+    """3x3, stride 1, padding 1 convolution by NNPACK (Winograd); ``None`` where NNPACK is
+    missing or failed (the caller then runs its plain convolution)."""
+    op = NNPACK_CONV.get()
+    if op is None:
         return None
     try:
-        return torch._nnpack_spatial_convolution(x, weight, bias, [1, 1])
+        return op(x, weight, bias, [1, 1])
     except RuntimeError as exc:  # e.g. an NNPACK build without this CPU's kernels: never again
-        _NNPACK = False
-        warnings.warn(f"NNPACK convolution failed ({exc}); using the default kernels", stacklevel=2)
+        NNPACK_CONV.fail(exc)
         return None
 
 
 def to_fast_convs(module: nn.Module) -> nn.Module:
-    """In place: every plain ``nn.Conv2d`` in ``module`` becomes a :class:`FastConv2d`.
+    """In place: every plain ``nn.Conv2d`` in ``module`` becomes a :class:`FastConv2d` (the same
+    object, its class changed), which computes exactly ``nn.Conv2d`` until
+    :func:`configure_fast_convs` switches its kernels on.
 
-    The new modules hold the *same* Parameter objects, so optimisers, state dicts and weight
+    Parameters, buffers and hooks stay the same objects, so optimisers, state dicts and weight
     tying are unaffected. Subclasses of ``nn.Conv2d`` (e.g. TF "same" padding) keep their class,
     because their forward does more than a convolution.
     """
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Conv2d:
-                fast = FastConv2d.__new__(FastConv2d)
-                fast.__dict__ = child.__dict__  # parameters, buffers, hooks and hyper-parameters
-                parent._modules[name] = fast
+    for m in module.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = FastConv2d
     return module
 
 
-def set_fast_inference(module: nn.Module, enabled: bool = True, *, winograd: bool | None = None) -> None:
-    """Switch the fast inference paths in ``module`` on or off: :class:`FastConv2d` and any module
-    whose class declares a boolean ``fast`` attribute (its opt-in to this switch).
-
-    ``winograd=False`` keeps the other fast paths but runs 3x3 convolutions with oneDNN.
-    """
+def configure_fast_convs(module: nn.Module, *, gemm: bool, winograd: bool) -> int:
+    """Switch the kernels of every :class:`FastConv2d` in ``module``: GEMM 1x1 convolutions and
+    Winograd 3x3 ones (both off: plain ``nn.Conv2d``). Returns how many convolutions it set."""
+    count = 0
     for m in module.modules():
-        if isinstance(getattr(type(m), "fast", None), bool):
-            m.fast = enabled
-        if isinstance(m, FastConv2d) and winograd is not None:
-            m.winograd = winograd
+        if isinstance(m, FastConv2d):
+            m.gemm, m.winograd = bool(gemm), bool(winograd)
+            count += 1
+    return count
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -213,11 +232,11 @@ def freeze_batchnorms(module: nn.Module) -> nn.Module:
                     frozen.bias.copy_(child.bias)
                     frozen.running_mean.copy_(child.running_mean)
                     frozen.running_var.copy_(child.running_var)
-                parent._modules[name] = frozen.to(child.weight.device)
+                setattr(parent, name, frozen.to(child.weight.device))
             elif type(child).__name__ == "BatchNormAct2d":
                 from timm.layers import freeze_batch_norm_2d
 
-                parent._modules[name] = freeze_batch_norm_2d(child)
+                setattr(parent, name, freeze_batch_norm_2d(child))
     return module
 
 
@@ -235,10 +254,8 @@ def fold_batchnorms(module: nn.Module) -> int:
     for parent in list(module.modules()):
         if hasattr(parent, "folded_weight_bias"):  # omniseg's ConvBNAct folds by itself (and fuses more)
             continue
-        names = list(parent._modules)
-        for first, second in itertools.pairwise(names):
-            conv, bn = parent._modules[first], parent._modules[second]
-            if not (isinstance(conv, nn.Conv2d) and bn is not None and _is_batchnorm(bn)):
+        for (_, conv), (second, bn) in itertools.pairwise(list(parent.named_children())):
+            if not (isinstance(conv, nn.Conv2d) and _is_batchnorm(bn)):
                 continue
             if bn.running_mean.numel() != conv.out_channels:
                 continue
@@ -252,15 +269,35 @@ def fold_batchnorms(module: nn.Module) -> int:
             conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
             conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
             act = getattr(bn, "act", None)  # timm BatchNormAct2d: keep its activation
-            parent._modules[second] = act if isinstance(act, nn.Module) else nn.Identity()
+            setattr(parent, second, act if isinstance(act, nn.Module) else nn.Identity())
             folded += 1
     return folded
 
 
-def _signature(module: nn.Module) -> tuple:
-    from omniseg.models.layers import tensor_key
+def _signature(module: nn.Module) -> tuple | None:
+    """The weights' identity and versions; ``None`` where version counters are unusable."""
+    keys = tuple(tensor_key(t) for t in itertools.chain(module.parameters(), module.buffers()))
+    return None if any(k is None for k in keys) else keys
 
-    return tuple(tensor_key(t) for t in itertools.chain(module.parameters(), module.buffers()))
+
+# -------------------------------------------------------------------- oneDNN weight pre-packing
+def _resolve_reorder():
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return torch._C._nn.mkldnn_reorder_conv2d_weight
+
+
+def _probe_reorder(reorder) -> bool:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 9, 8, generator=g)
+    weight, bias = torch.randn(5, 4, 3, 3, generator=g), torch.randn(5, generator=g)
+    packed = reorder(weight.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1)
+    got = torch.mkldnn_convolution(x.to_mkldnn(), packed, bias.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1)
+    expected = F.conv2d(x, weight, bias, padding=1)
+    return torch.allclose(got.to_dense(), expected, rtol=1e-4, atol=1e-4)
+
+
+MKLDNN_REORDER = PrivateOp("torch._C._nn.mkldnn_reorder_conv2d_weight", _resolve_reorder, _probe_reorder)
 
 
 class MkldnnConv2d(nn.Module):
@@ -268,7 +305,8 @@ class MkldnnConv2d(nn.Module):
 
     On an NCHW tensor every oneDNN convolution reorders its input into a blocked layout, its
     output back, and its weights too; a chain of them kept in the blocked layout skips all three.
-    Same kernel, so the same results bit for bit.
+    Same kernel, so the same results bit for bit. Without the (private) weight pre-packing op
+    the weights stay in oneDNN's plain layout and are reordered per call.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -277,13 +315,14 @@ class MkldnnConv2d(nn.Module):
         self.dilation, self.groups = list(conv.dilation), conv.groups
         weight = conv.weight.detach().float().to_mkldnn()
         bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
+        reorder = MKLDNN_REORDER.get()
+        if reorder is not None:
+            try:
+                weight = reorder(weight, self.padding, self.stride, self.dilation, self.groups)
+            except RuntimeError as exc:
+                MKLDNN_REORDER.fail(exc)
         # plain attributes, not buffers: oneDNN tensors have no storage to save or deep-copy
-        self.packed = (
-            torch._C._nn.mkldnn_reorder_conv2d_weight(
-                weight, self.padding, self.stride, self.dilation, self.groups
-            ),
-            bias.to_mkldnn(),
-        )
+        self.packed = (weight, bias.to_mkldnn())
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.mkldnn_convolution(
@@ -347,30 +386,39 @@ def to_mkldnn_layout(module: nn.Module, *, winograd: bool = False) -> MkldnnLayo
         for name, child in list(parent.named_children()):
             if type(child) in (nn.Conv2d, FastConv2d):
                 wide = winograd and MkldnnWinogradConv2d.applies(child)
-                parent._modules[name] = MkldnnWinogradConv2d(child) if wide else MkldnnConv2d(child)
+                setattr(parent, name, MkldnnWinogradConv2d(child) if wide else MkldnnConv2d(child))
     return MkldnnLayout(converted)
 
 
 class InferenceCopy:
     """A fast inference copy of a module, rebuilt when the module's weights change.
 
-    The copy has batch norms folded into convolutions, and runs in oneDNN layout
-    (:func:`to_mkldnn_layout`: no reorders, exactly the arithmetic of the folded module) or, where
-    that layout does not apply (a layer without oneDNN-layout support), with :class:`FastConv2d`
-    convolutions (Winograd if ``winograd``). Each step is checked against the original module on a
-    small input and skipped if it changes the outputs beyond rounding.
+    The copy has batch norms folded into convolutions (``fold``), and runs in oneDNN layout
+    (``mkldnn``, :func:`to_mkldnn_layout`: no reorders, exactly the arithmetic of the folded module)
+    or, where that layout does not apply (a layer without oneDNN-layout support), with
+    :class:`FastConv2d` convolutions (GEMM 1x1 if ``gemm``, Winograd 3x3 if ``winograd``). Each step
+    is checked against the original module on a small input and skipped if it changes the outputs
+    beyond rounding or fails.
 
     Not an ``nn.Module`` on purpose: held outside the module tree, it stays out of the state dict,
     ``.to()`` and ``.parameters()``; the weight signature check notices device moves and in-place
-    updates (each costs microseconds per forward).
+    updates (each costs microseconds per forward). That check reads PyTorch's private tensor
+    version counters; where they are unusable, :meth:`get` returns the module itself.
     """
 
     def __init__(
-        self, *, fold: bool = True, winograd: bool = True, mkldnn: bool = True, check_size: int = 64
+        self,
+        *,
+        fold: bool = True,
+        winograd: bool = True,
+        mkldnn: bool = True,
+        gemm: bool = True,
+        check_size: int = 64,
     ) -> None:
         self.fold = fold
         self.winograd = winograd
         self.mkldnn = mkldnn
+        self.gemm = gemm
         self.check_size = check_size
         self._copy: nn.Module | None = None
         self._signature: tuple | None = None
@@ -380,7 +428,12 @@ class InferenceCopy:
         return {**self.__dict__, "_copy": None, "_signature": None}
 
     def get(self, module: nn.Module) -> nn.Module:
+        """The fast copy of ``module`` (built or rebuilt as needed), or ``module`` itself when its
+        weights cannot be tracked."""
         signature = _signature(module)
+        if signature is None:
+            self._copy = self._signature = None
+            return module
         if self._copy is None or signature != self._signature:
             self._copy = self._build(module)
             self._signature = signature
@@ -405,7 +458,7 @@ class InferenceCopy:
         def same(candidate: nn.Module) -> bool:
             try:
                 got = _flatten(candidate(x))
-            except (RuntimeError, TypeError, NotImplementedError):  # e.g. an op without oneDNN-layout support
+            except Exception:  # e.g. an op without oneDNN-layout support: not this copy
                 return False
             return len(got) == len(expected) and all(
                 torch.allclose(e, g, rtol=1e-3, atol=1e-4 * (1 + e.abs().max().item()))
@@ -429,7 +482,7 @@ class InferenceCopy:
             if same(candidate):
                 return candidate
         fast = to_fast_convs(fast)
-        set_fast_inference(fast, True, winograd=self.winograd)
+        configure_fast_convs(fast, gemm=self.gemm, winograd=self.winograd)
         return fast
 
 
