@@ -15,33 +15,26 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from omniseg.data import open_dataset
-from omniseg.metrics.semantic import SemanticMetric
-from omniseg.models.crf import dense_crf
+from omniseg.metrics.task_metrics import metric_for_task
 from omniseg.predictor import load_predictor
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
 
 
 def evaluate(predictor, dataset, *, flip: bool, scales, crf: bool, limit: int | None) -> tuple[dict, float]:
-    cats = predictor.categories
-    lookup = cats.id_lookup(fill=255)
-    metric = SemanticMetric(len(cats), ignore_index=255)
+    """The metric ``omniseg evaluate`` computes, timing the prediction alone (not data loading)."""
+    metric = metric_for_task("semantic", predictor.categories)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     elapsed = 0.0
     for i in range(n):
-        image, label = dataset.load_pair(i)
-        gt = np.where(label == dataset.ignore_index, 255, lookup[np.minimum(label, len(lookup) - 1)])
+        sample = dataset[i]
         start = time.perf_counter()
-        prob = predictor.semantic_probabilities(image, flip=flip, scales=scales)
-        if crf:
-            prob = dense_crf(image, prob)
-        pred = prob.argmax(0).numpy()
+        pred = predictor.predict(sample.image, crf=crf, flip=flip, scales=scales)
         elapsed += time.perf_counter() - start
-        metric.update(pred, gt)
+        metric.update(sample.image_id, sample.segments, pred)
     return metric.compute(), elapsed / n
 
 
@@ -61,7 +54,7 @@ def main() -> None:
         raise SystemExit(f"CamVid not found at {args.data}")
     predictor = load_predictor(args.checkpoint)
     dataset = open_dataset({"format": "camvid", "root": str(args.data), "split": args.split})
-    scales = tuple(args.scales or predictor.tta.get("scales") or (1.0, 1.25, 1.5))
+    scales = tuple(args.scales or predictor.recorded.get("scales") or (1.0, 1.25, 1.5))
     single = args.single_scale or sorted(scales)[len(scales) // 2]
     variants = [
         ("scale 1", False, (1.0,)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from omniseg.models.deeplab import (
     load_torchvision_deeplabv3,
     semantic_cross_entropy,
 )
-from omniseg.models.layers import set_bn_folding
+from omniseg.optimize import optimize_for_inference
 
 
 def _perturb_batch_norm(model: torch.nn.Module) -> None:
@@ -44,7 +45,13 @@ def test_deeplabv3_resnet50_matches_torchvision() -> None:
         actual = ours(x)
     assert actual.shape == expected.shape == (1, 21, 129, 161)
     assert (actual - expected).abs().max().item() <= 1e-4
-    assert torch.equal(ours.post_process_semantic(actual), expected.argmax(1))
+    # post_process: the per-pixel argmax as category ids (here the class indices), scored by confidence
+    (segments,) = ours.post_process(actual, [(129, 161)])
+    assert np.array_equal(segments.to_semantic(), expected.argmax(1)[0].numpy())
+    confidence = expected.softmax(1).max(1).values[0].numpy()
+    label = expected.argmax(1)[0].numpy()
+    for cat, score in zip(segments.category_ids, segments.scores, strict=True):
+        assert score == pytest.approx(confidence[label == cat].mean(), rel=1e-5)
 
 
 def test_torchvision_import_without_aux_head() -> None:
@@ -66,22 +73,24 @@ def test_deeplabv3plus_any_input_size(output_stride: int, size: tuple[int, int])
         logits = model(torch.randn(2, 3, *size))
     assert logits.shape == (2, 5, *size)
     assert logits.is_contiguous()
-    assert model.post_process_semantic(logits).shape == (2, *size)
+    segments = model.post_process(logits, [size, size])
+    assert [s.image_size for s in segments] == [size, size]
+    assert np.array_equal(segments[1].to_semantic(), logits[1].argmax(0).numpy())
 
 
 @pytest.mark.parametrize("size", [(75, 101), (200, 250)])  # small / large maps pick different dilated-conv paths
 def test_inference_optimisations_do_not_change_outputs(size: tuple[int, int]) -> None:
-    """BN folding + fused kernels + channels-last + conv rewrites equal the plain eval computation."""
+    """optimize_for_inference (BN folding + fused kernels) on top of channels-last and the conv
+    rewrites equals the plain eval computation."""
     torch.manual_seed(0)
     model = build_model({"name": "deeplabv3plus", "num_classes": 4, "aux": True})
     _perturb_batch_norm(model)
     model.eval()
     x = torch.randn(1, 3, *size)
     with torch.no_grad():
-        fast = model(x)
-        set_bn_folding(model, False)
         plain = model(x)
-    with_grad = model(x)  # autograd on: differentiable paths
+        fast = optimize_for_inference(model)(x)
+    with_grad = model(x)  # autograd on: differentiable paths (BN folded differentiably)
     scale = plain.abs().max().item()
     assert (fast - plain).abs().max().item() <= 1e-4 * max(1.0, scale)
     assert (with_grad - plain).abs().max().item() <= 1e-4 * max(1.0, scale)

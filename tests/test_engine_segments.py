@@ -111,33 +111,50 @@ def test_connected_components_become_thing_instances():
     assert (segments.to_semantic(void_value=9) == label).all()
 
 
+@pytest.mark.slow
 def test_instance_model_trains_evaluates_and_segments_through_the_cli(tmp_path, capsys):
     spec = _boxes_dataset(tmp_path / "data")
     config = _config(spec, {"name": "mask_rcnn", **TINY_DETECTOR}, tmp_path / "run", epochs=2)
+    config["data"]["val_batch_size"] = 1
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(tmp_path / "c.yaml")]) == 0
     ckpt = tmp_path / "run" / "best"
     _, meta = read_checkpoint(ckpt)
     assert [c["id"] for c in meta["categories"]] == [3, 7]
-    assert {"mask_ap", "box_ap", "mask_ap50"} <= set(meta["val"]) and 0.0 <= meta["val"]["mask_ap"] <= 1.0
+    assert {"mask_ap", "box_ap", "mask_ap50"} <= set(meta["val"])
     metrics_csv = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
     assert "val/mask_ap" in metrics_csv and (tmp_path / "run" / "training_curve.png").is_file()
 
     capsys.readouterr()
     root = Path(spec["annotations"]).parent
+    # the validation figures that picked `best` are what evaluate reports on the same images
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", f"coco:{root}", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert max(full["segm"]["AP"], 0.0) == pytest.approx(meta["val"]["mask_ap"], abs=1e-12)
+    assert max(full["bbox"]["AP50"], 0.0) == pytest.approx(meta["val"]["box_ap50"], abs=1e-12)
     assert main(["evaluate", "--checkpoint", str(ckpt), "--data", f"coco:{root}", "--subset", "1:", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"segm", "bbox"} and set(result["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
     out = tmp_path / "seg"
-    assert main(["segment", spec["images"], "--model", str(ckpt), "--out", str(out), "--score-thresh", "0"]) == 0
+    from omniseg.predictor import load_predictor
+
+    everything = load_predictor(str(ckpt)).predict(Path(spec["images"]) / "000.png")
+    assert len(everything), "the tiny detector should detect something at score >= 0.05"
+    cut = float(np.median(everything.scores))
+    assert main(["segment", spec["images"], "--model", str(ckpt), "--out", str(out), "--score-thresh", str(cut)]) == 0
     labels = np.asarray(Image.open(out / "000_labels.png"))
     assert labels.shape == (64, 80) and set(np.unique(labels).tolist()) <= {3, 7, 255}
     segments = json.loads((out / "000.json").read_text())["segments"]
-    assert all(s["category_id"] in (3, 7) and 0.0 <= s["score"] <= 1.0 for s in segments)
+    # only detections scoring at least the threshold, with their scores (the JSON leaves out those
+    # that higher-scoring ones cover entirely)
+    kept = everything.scores[everything.scores >= cut]
+    assert segments and all(s["score"] >= cut for s in segments) and len(segments) <= len(kept)
+    assert all(np.isclose(kept, s["score"], rtol=1e-6).any() for s in segments)
+    assert all(s["category_id"] in (3, 7) for s in segments)
     assert np.asarray(Image.open(out / "000_overlay.png")).shape[:2][1] == 80
     assert main(["segment", spec["images"], "--model", str(ckpt), "--out", str(out), "--crf", "--force"]) == 2
-    assert "semantic models" in capsys.readouterr().err
+    assert "dense CRF refines per-pixel class scores" in capsys.readouterr().err
 
 
 def test_box_detector_validates_on_box_ap(tmp_path):
@@ -147,20 +164,29 @@ def test_box_detector_validates_on_box_ap(tmp_path):
     assert set(meta["val"]) == {"box_ap", "box_ap50"}
 
 
+@pytest.mark.slow
 def test_panoptic_model_trains_on_components_and_scores_pq(tmp_path):
     spec = _panoptic_label_dataset(tmp_path / "data")
     sample = open_dataset(spec)[0]
     assert sorted(sample.segments.category_ids.tolist()) == [0, 1, 2, 2]
     model = {"name": "panoptic_fpn", **TINY_DETECTOR, "semantic_channels": 16, "stuff_area_thresh": 16}
-    out = train(_config(spec, model, tmp_path / "run"))
+    config = _config(spec, model, tmp_path / "run")
+    config["data"]["val_batch_size"] = 1
+    out = train(config)
     _, meta = read_checkpoint(out / "best")
-    assert {"pq", "pq_things", "pq_stuff"} <= set(meta["val"]) and 0.0 <= meta["val"]["pq"] <= 1.0
+    assert {"pq", "pq_things", "pq_stuff"} <= set(meta["val"])
 
     from omniseg.engine.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(str(out / "best"), spec, progress=False)
-    assert result["_task"] == "panoptic" and set(result["All"]) == {"pq", "sq", "rq", "n"}
+    result, metric = evaluate_checkpoint(str(out / "best"), spec, progress=False)
+    assert metric.monitor == "pq" and set(result["All"]) == {"pq", "sq", "rq", "n"}
     assert result["All"]["n"] == 3
+    assert result["All"]["pq"] == pytest.approx(meta["val"]["pq"], abs=1e-12)  # validation == evaluate
+    # the same model answers the other two tasks it declares
+    semantic, _ = evaluate_checkpoint(str(out / "best"), spec, task="semantic", progress=False)
+    assert len(semantic["per_class_iou"]) == 3
+    with pytest.raises(ValueError, match="does not do 'detection'"):
+        evaluate_checkpoint(str(out / "best"), spec, task="detection", progress=False)
 
     # segment writes the panoptic merge as it is: --score-thresh filters detections, not stuff
     from omniseg.predictor import load_predictor

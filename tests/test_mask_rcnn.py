@@ -19,11 +19,13 @@ from omniseg.models.layers.fast_inference import (
     FastConv2d,
     InferenceCopy,
     MkldnnLayout,
+    configure_fast_convs,
     fold_batchnorms,
     nnpack_available,
     to_fast_convs,
 )
 from omniseg.models.torchvision_import import load_torchvision_maskrcnn
+from omniseg.optimize import optimize_for_inference
 from omniseg.structures import CategoryTable, Segments
 from tv_reference import make_trained_like, match_detections, normalise, structured_images
 
@@ -59,13 +61,9 @@ def reference_pair():
 
 
 def test_exact_path_is_torchvision(reference_pair):
-    """With fast inference off, the same arithmetic as torchvision: identical detections."""
+    """As built (not optimised for inference), the same arithmetic as torchvision: identical detections."""
     _, ours, image, reference = reference_pair
-    ours.fast_inference = False
-    try:
-        out = ours.detect([normalise(image)])[0]
-    finally:
-        ours.fast_inference = True
+    out = ours.detect([normalise(image)])[0]
     assert len(reference["boxes"]) >= 5
     assert torch.equal(out["labels"], reference["labels"])
     torch.testing.assert_close(out["boxes"], reference["boxes"], rtol=0, atol=1e-5)
@@ -79,11 +77,11 @@ def test_fast_path_matches_torchvision(reference_pair, winograd):
     """The fast path (folded oneDNN-layout backbone, GEMM / Winograd convolutions, class-only mask
     logits, vectorised pasting) gives torchvision's detections within rounding."""
     _, ours, image, reference = reference_pair
-    ours.winograd = winograd
+    optimize_for_inference(ours, winograd=winograd)
     try:
         out = ours.detect([normalise(image)])[0]
     finally:
-        ours.winograd = True
+        optimize_for_inference(ours, **dict.fromkeys(ours.inference_options, False))  # back to plain
     stats = match_detections(reference, out, score_thresh=0.05)
     assert stats["matched"] >= 5
     assert stats["unmatched"] == 0, stats
@@ -95,7 +93,7 @@ def test_fast_path_matches_torchvision(reference_pair, winograd):
 def test_segments_output_matches_detect(reference_pair):
     _, ours, image, _ = reference_pair
     det = ours.detect([normalise(image)])[0]
-    seg = ours([normalise(image)])[0]
+    seg = ours.post_process(ours([normalise(image)]), [(H, W)])[0]
     assert isinstance(seg, Segments) and seg.overlapping and seg.image_size == (H, W)
     assert len(seg) == len(det["boxes"])
     np.testing.assert_array_equal(seg.category_ids, det["labels"].numpy())
@@ -119,6 +117,7 @@ def test_segments_output_matches_detect(reference_pair):
 def test_fast_conv_same_as_conv(conv):
     fast = to_fast_convs(nn.Sequential(conv))[0]
     assert isinstance(fast, FastConv2d) and fast.weight is conv.weight
+    assert configure_fast_convs(fast, gemm=True, winograd=True) == 1
     x = torch.randn(2, 16, 19, 23)
     expected = nn.functional.conv2d(
         x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
@@ -149,7 +148,7 @@ def test_fold_batchnorms_and_inference_copy():
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         dense = InferenceCopy(mkldnn=False).get(net)
-        assert isinstance(dense[1], nn.Identity) and isinstance(dense[3], FastConv2d)
+        assert isinstance(dense[1], nn.Identity) and isinstance(dense[3], FastConv2d) and dense[3].gemm
         torch.testing.assert_close(dense(x), net(x), rtol=1e-5, atol=1e-5)
         copy = InferenceCopy()
         fast = copy.get(net)
@@ -299,14 +298,21 @@ def test_targets_must_fit_the_image():
 def test_eval_contract_and_config():
     model = _tiny_model(box_score_thresh=0.0).eval()
     images = [torch.randn(3, 90, 120), torch.randn(3, 64, 100)]
-    results = model(images)
+    raw = model(images)
+    results = model.post_process(raw, [(90, 120), (64, 100)])
     assert [r.image_size for r in results] == [(90, 120), (64, 100)]
     for r in results:
         assert isinstance(r, Segments) and r.overlapping
         assert r.categories == model.categories
         assert set(r.category_ids.tolist()) <= {1, 3}
     batch = model(torch.stack([images[0], images[0]]))
-    assert len(batch) == 2
+    assert len(batch) == 2 and torch.equal(batch[0]["boxes"], batch[1]["boxes"])
+    # the score threshold leaves out exactly the detections scoring below it
+    cut = float(raw[0]["scores"].median()) if len(raw[0]["scores"]) else 0.5
+    kept = model.post_process(raw, [(90, 120), (64, 100)], score_thresh=cut)[0]
+    assert len(kept) == int((raw[0]["scores"] >= cut).sum()) and (kept.scores >= cut).all()
+    with pytest.raises(ValueError, match="panoptic"):
+        model.post_process(raw, [(90, 120), (64, 100)], task="panoptic")
     config = json.loads(json.dumps(model.config))
     rebuilt = build_model(config)
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
@@ -324,8 +330,10 @@ def test_parallel_roi_align_is_exact():
     boxes = [torch.cat([xy, xy + 4 + torch.rand(300, 2, generator=g) * 120], 1)]
     expected = MultiScaleRoIAlign(list(features), 7, 2)(features, boxes, [(256, 320)])
     torch.set_num_threads(2)
+    pooler = ParallelMultiScaleRoIAlign(list(features), 7, 2)
+    pooler.fast = True  # what optimize_for_inference(threaded_roi_align=True) sets
     with torch.no_grad():
-        got = ParallelMultiScaleRoIAlign(list(features), 7, 2)(features, boxes, [(256, 320)])
+        got = pooler(features, boxes, [(256, 320)])
     assert torch.equal(got, expected)
 
 
@@ -350,3 +358,25 @@ def test_out_of_range_labels_are_a_clear_error():
     }
     with pytest.raises(ValueError, match=r"target 0: labels must be in 1\.\.2"):
         model([torch.randn(3, 90, 120)], [target])
+
+
+def test_every_constructor_option_is_reachable_from_a_config():
+    """Builders forward **kwargs: options the builder does not name still reach the model, and the
+    recorded config rebuilds it with them (they once drifted: seven could not be set)."""
+    from omniseg.structures import Category, CategoryTable
+
+    options = {"box_fg_iou_thresh": 0.6, "box_bg_iou_thresh": 0.4, "rpn_fg_iou_thresh": 0.8,
+               "rpn_bg_iou_thresh": 0.2, "box_positive_fraction": 0.5, "rpn_score_thresh": 0.1}  # fmt: skip
+    categories = CategoryTable((Category(1, "road", False), Category(2, "car", True)))
+    for name, extra in (("mask_rcnn", {}), ("panoptic_fpn", {"categories": categories.to_dicts()})):
+        config = {"name": name, "num_classes": 2, "backbone": "efficientnet_lite0", "min_size": 64, "max_size": 96, **options}
+        if extra:
+            config = {k: v for k, v in config.items() if k != "num_classes"} | extra
+        model = build_model(config)
+        for built in (model, build_model(json.loads(json.dumps(model.config)))):
+            heads = built.roi_heads
+            assert heads.proposal_matcher.high_threshold == 0.6 and heads.proposal_matcher.low_threshold == 0.4
+            assert built.rpn.proposal_matcher.high_threshold == 0.8 and built.rpn.proposal_matcher.low_threshold == 0.2
+            assert heads.fg_bg_sampler.positive_fraction == 0.5 and built.rpn.score_thresh == 0.1
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        build_model({"name": "mask_rcnn", "num_classes": 2, "backbone": "efficientnet_lite0", "box_fg_iou": 0.6})

@@ -157,11 +157,20 @@ def test_train_step_and_eval_contract():
     model.eval()
     model.instance_score_thresh = 0.0
     model.stuff_area_thresh = 16
-    results = model([torch.randn(3, h, w), torch.randn(3, 64, 100)])
-    assert [r.image_size for r in results] == [(h, w), (64, 100)]
+    raw = model([torch.randn(3, h, w), torch.randn(3, 64, 100)])
+    sizes = [(h, w), (64, 100)]
+    results = model.post_process(raw, sizes)  # its first task: panoptic
+    assert [r.image_size for r in results] == sizes
     for r in results:
         assert isinstance(r, Segments) and not r.overlapping
         assert set(r.category_ids.tolist()) <= set(CATEGORIES.ids)
+    # one model, three tasks: the semantic view is the merge's category map, the instances are the detections
+    semantic = model.post_process(raw, sizes, task="semantic")
+    for sem, pan in zip(semantic, results, strict=True):
+        void = max(CATEGORIES.ids) + 1
+        assert np.array_equal(sem.to_semantic(void_value=void), pan.to_semantic(void_value=void))
+    instances = model.post_process(raw, sizes, task="instance")
+    assert [len(i) for i in instances] == [len(d["scores"]) for d in raw]
     det = model.detect([torch.randn(3, h, w)])[0]
     assert det["semantic_probs"].shape == (3, h, w) and det["masks"].shape[-2:] == (h, w)
     rebuilt = build_model(json.loads(json.dumps(model.config)))

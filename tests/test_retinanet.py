@@ -10,6 +10,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 
 from omniseg.models import build_model
 from omniseg.models.torchvision_import import load_torchvision_retinanet
+from omniseg.optimize import optimize_for_inference
 from omniseg.structures import CategoryTable, Segments
 from tv_reference import make_trained_like, match_detections, normalise, structured_images
 
@@ -43,12 +44,8 @@ def reference_pair():
 
 
 def test_exact_path_is_torchvision(reference_pair):
-    ours, image, reference = reference_pair
-    ours.fast_inference = False
-    try:
-        out = ours.detect([normalise(image)])[0]
-    finally:
-        ours.fast_inference = True
+    ours, image, reference = reference_pair  # as built: not optimised for inference
+    out = ours.detect([normalise(image)])[0]
     assert len(reference["boxes"]) >= 5
     assert torch.equal(out["labels"], reference["labels"])
     torch.testing.assert_close(out["boxes"], reference["boxes"], rtol=0, atol=1e-5)
@@ -58,11 +55,11 @@ def test_exact_path_is_torchvision(reference_pair):
 @pytest.mark.parametrize("winograd", [True, False])
 def test_fast_path_matches_torchvision(reference_pair, winograd):
     ours, image, reference = reference_pair
-    ours.winograd = winograd
+    optimize_for_inference(ours, winograd=winograd)
     try:
         out = ours.detect([normalise(image)])[0]
     finally:
-        ours.winograd = True
+        optimize_for_inference(ours, **dict.fromkeys(ours.inference_options, False))  # back to plain
     stats = match_detections(reference, out, score_thresh=0.05)
     assert stats["matched"] >= 5
     assert stats["unmatched"] == 0, stats
@@ -116,7 +113,8 @@ def test_train_step_survives_bad_input(box_loss):
 
 def test_eval_contract_and_config():
     model = _tiny_model(score_thresh=0.0, detections_per_img=20).eval()
-    results = model([torch.randn(3, 90, 120), torch.randn(3, 64, 100)])
+    raw = model([torch.randn(3, 90, 120), torch.randn(3, 64, 100)])
+    results = model.post_process(raw, [(90, 120), (64, 100)])
     assert [r.image_size for r in results] == [(90, 120), (64, 100)]
     for r in results:
         assert isinstance(r, Segments) and r.overlapping and len(r) <= 20

@@ -64,7 +64,7 @@ def test_evaluate_defaults_to_the_recorded_inference_settings(shared_data):
     spec = {"format": "camvid", "root": str(shared_data / "camvid"), "split": "val"}
 
     def run(**tta):
-        return evaluate_checkpoint("camvid-deeplabv3plus-lite0", spec, limit=2, progress=False, **tta)
+        return evaluate_checkpoint("camvid-deeplabv3plus-lite0", spec, limit=2, progress=False, **tta)[0]
 
     recorded = run()
     assert recorded["miou"] == run(flip=True, scales=[1.5])["miou"]

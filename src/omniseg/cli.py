@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from omniseg.data.images import DataError
+from omniseg.errors import CheckpointError, DataError
 
 
 def _add_train(sub) -> None:
@@ -22,7 +22,10 @@ def _add_evaluate(sub) -> None:
         "evaluate",
         help="evaluate prediction files against ground truth, or a checkpoint on a dataset split",
     )
-    p.add_argument("--task", choices=["semantic", "instance", "panoptic"], default=None)
+    p.add_argument(
+        "--task", choices=["semantic", "instance", "panoptic", "detection"], default=None,
+        help="files: which metric; with --checkpoint: which of the model's tasks (default: its first)",
+    )  # fmt: skip
     p.add_argument("--gt-json", type=Path)
     p.add_argument("--gt-dir", type=Path)
     p.add_argument("--pred-json", type=Path)
@@ -58,14 +61,24 @@ def _add_segment(sub) -> None:
         "--flip", action=argparse.BooleanOptionalAction, default=None,
         help="test-time horizontal flip (default: as the model records)",
     )  # fmt: skip
+    p.add_argument(
+        "--scales", type=float, nargs="+", default=None,
+        help="test-time scales, e.g. 1 1.25 1.5 (default: as the model records)",
+    )  # fmt: skip
+    p.add_argument("--task", default=None, help="which of the model's tasks (default: its first)")
     p.add_argument("--force", action="store_true", help="redo images whose outputs already exist")
     p.add_argument("--score-thresh", type=float, default=0.5, help="instance models and box detectors: keep detections scoring at least this")
     p.add_argument("--device", default="cpu")
 
 
 def _add_show(sub) -> None:
-    p = sub.add_parser("show", help="draw a dataset sample's ground truth")
-    p.add_argument("data", help="FORMAT:ROOT[:SPLIT], e.g. camvid:../shared/data/camvid:train")
+    from omniseg.data.registry import formats_help
+
+    p = sub.add_parser(
+        "show", help="draw a dataset sample's ground truth", epilog=formats_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("data", help="FORMAT:ROOT[:SPLIT] (formats below), e.g. camvid:../shared/data/camvid:train")
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--view", choices=["semantic", "instance", "panoptic"], default="panoptic")
     p.add_argument("--out", type=Path, default=Path("show.png"))
@@ -100,9 +113,43 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from omniseg.metrics.table import format_table
+def _evaluate_panoptic_files(args) -> tuple[dict, object]:
+    from omniseg.io import load_json
+    from omniseg.metrics import files
+    from omniseg.structures import CategoryTable
 
+    _require(args, "gt_json", "gt_dir", "pred_json", "pred_dir")
+    result = files.evaluate_panoptic_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, workers=args.workers)
+    # names for the per-class rows
+    return result, None if args.json else CategoryTable.from_dicts(load_json(args.gt_json).get("categories", []))
+
+
+def _evaluate_semantic_files(args) -> tuple[dict, object]:
+    from omniseg.metrics import files
+
+    _require(args, "gt_dir", "pred_dir", "num_classes")
+    return files.evaluate_semantic_dirs(
+        args.gt_dir, args.pred_dir, num_classes=args.num_classes, ignore_index=args.ignore_index
+    ), None
+
+
+def _evaluate_instance_files(args) -> tuple[dict, object]:
+    from omniseg.metrics import files
+
+    _require(args, "gt_json", "pred_json")
+    return files.evaluate_instance_files(args.gt_json, args.pred_json), None
+
+
+# prediction files on disk, by --task: (evaluator, table layout); a box detector's results are COCO instances
+FILE_EVALUATORS = {
+    "panoptic": (_evaluate_panoptic_files, "panoptic"),
+    "semantic": (_evaluate_semantic_files, "semantic"),
+    "instance": (_evaluate_instance_files, "instance"),
+    "detection": (_evaluate_instance_files, "instance"),
+}
+
+
+def cmd_evaluate(args) -> int:
     if args.checkpoint:
         if not args.data:
             raise DataError("--checkpoint needs --data FORMAT:ROOT:SPLIT")
@@ -111,38 +158,21 @@ def cmd_evaluate(args) -> int:
         spec = parse_data_arg(args.data)
         if args.subset:
             spec["subset"] = args.subset
-        result = evaluate_checkpoint(args.checkpoint, spec, flip=args.flip, scales=args.scales, crf=args.crf)
-        task = result.pop("_task")
-        categories = result.pop("_categories", None)
-    else:
-        from omniseg.metrics import files
-
-        categories = None
-        if args.task == "panoptic":
-            _require(args, "gt_json", "gt_dir", "pred_json", "pred_dir")
-            result = files.evaluate_panoptic_files(
-                args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, workers=args.workers
-            )
-            if not args.json:  # names for the per-class rows
-                from omniseg.data.images import load_json
-                from omniseg.structures import CategoryTable
-
-                categories = CategoryTable.from_dicts(load_json(args.gt_json).get("categories", []))
-        elif args.task == "semantic":
-            _require(args, "gt_dir", "pred_dir", "num_classes")
-            result = files.evaluate_semantic_dirs(
-                args.gt_dir, args.pred_dir, num_classes=args.num_classes, ignore_index=args.ignore_index
-            )
-        elif args.task == "instance":
-            _require(args, "gt_json", "pred_json")
-            result = files.evaluate_instance_files(args.gt_json, args.pred_json)
-        else:
-            raise DataError("evaluate needs --task {semantic,instance,panoptic} or --checkpoint with --data")
-        task = args.task
+        result, metric = evaluate_checkpoint(
+            args.checkpoint, spec, task=args.task, flip=args.flip, scales=args.scales, crf=args.crf
+        )
+        print(json.dumps(result, default=float) if args.json else metric.table(result))
+        return 0
+    if args.task not in FILE_EVALUATORS:
+        raise DataError(f"evaluate needs --task {{{','.join(FILE_EVALUATORS)}}} for files, or --checkpoint with --data")
+    evaluator, layout = FILE_EVALUATORS[args.task]
+    result, categories = evaluator(args)
     if args.json:
         print(json.dumps(result, default=float))
     else:
-        print(format_table(result, task, categories))
+        from omniseg.metrics.table import format_table
+
+        print(format_table(result, layout, categories))
     return 0
 
 
@@ -156,8 +186,8 @@ def cmd_segment(args) -> int:
     from omniseg.segment import segment_paths
 
     return segment_paths(
-        args.input, args.out, model=args.model, crf=args.crf, flip=args.flip, force=args.force, device=args.device,
-        score_thresh=args.score_thresh,
+        args.input, args.out, model=args.model, task=args.task, crf=args.crf, flip=args.flip, scales=args.scales,
+        force=args.force, device=args.device, score_thresh=args.score_thresh,
     )
 
 
@@ -179,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     _add_show(sub)
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "segment": cmd_segment, "show": cmd_show}
-    from omniseg.checkpoint import CheckpointError
-
     try:
         return handlers[args.command](args)
     except (DataError, CheckpointError, FileNotFoundError, FloatingPointError) as exc:

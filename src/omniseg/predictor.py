@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from omniseg.checkpoint import CheckpointError, checkpoint_paths, load_model
-from omniseg.data.images import load_image
 from omniseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from omniseg.inference import TestTimeAugmentation, predict_segments
+from omniseg.io import load_image
+from omniseg.models.registry import attach_categories
+from omniseg.optimize import optimize_for_inference
 from omniseg.structures import CategoryTable, Segments
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
@@ -43,7 +45,11 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
 
 
 class Predictor:
-    """A loaded model plus its category metadata; ``predict(image) -> Segments``."""
+    """A loaded model plus its category metadata; ``predict(image) -> Segments``.
+
+    ``meta["inference"]`` (written with the checkpoint) records the test-time flip and scales the
+    model was measured with; they are the defaults of :meth:`predict`.
+    """
 
     def __init__(
         self,
@@ -55,71 +61,68 @@ class Predictor:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        self.model = model.to(device).eval()
+        self.model = attach_categories(model, categories).to(device).eval()
         self.categories = categories
         self.meta = meta or {}
         self.device = torch.device(device)
         self.mean, self.std = mean, std
-        self.task = getattr(model, "task", "semantic")
-        self.tta = dict(self.meta.get("inference", {}))
+        self.tasks: tuple[str, ...] = tuple(model.tasks)
+        # the task the checkpoint was validated on (its figures are for that one), else the model's first
+        self.task = self.meta["task"] if self.meta.get("task") in self.tasks else self.tasks[0]
+        self.recorded = dict(self.meta.get("inference", {}))
 
     @property
     def name(self) -> str:
         return str(self.meta.get("name", self.meta.get("model", {}).get("name", "model")))
 
-    @torch.inference_mode()
-    def semantic_probabilities(
-        self, image: np.ndarray, *, flip: bool | None = None, scales: Sequence[float] | None = None
-    ) -> torch.Tensor:
-        """``(C, H, W)`` class probabilities at the image's resolution, averaged over the TTA views."""
-        flip = self.tta.get("flip", False) if flip is None else flip
-        scales = tuple(self.tta.get("scales", (1.0,)) if scales is None else scales)
-        x = to_model_input(image, mean=self.mean, std=self.std).unsqueeze(0).to(self.device)
-        h, w = x.shape[-2:]
-        total = None
-        for scale in scales:
-            xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-            views = [xs, xs.flip(-1)] if flip else [xs]
-            for i, view in enumerate(views):
-                logits = self.model(view)
-                if i == 1:
-                    logits = logits.flip(-1)
-                if logits.shape[-2:] != (h, w):
-                    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-                prob = logits.softmax(1)[0]
-                total = prob if total is None else total + prob
-        return total / total.sum(0, keepdim=True)
+    def test_time_augmentation(
+        self, *, flip: bool | None = None, scales: Sequence[float] | None = None
+    ) -> TestTimeAugmentation:
+        """The recorded flip/scales, overridden where ``flip`` or ``scales`` are given."""
+        return TestTimeAugmentation(
+            flip=bool(self.recorded.get("flip", False) if flip is None else flip),
+            scales=tuple(self.recorded.get("scales", (1.0,)) if scales is None else scales),
+        )
 
-    def predict(self, image: np.ndarray | str | Path, *, crf: bool = False, **tta) -> Segments:
-        """Segments of one image (array ``(H, W, 3) uint8`` RGB, or a path)."""
+    def predict(
+        self,
+        image: np.ndarray | str | Path,
+        *,
+        task: str | None = None,
+        crf: bool = False,
+        flip: bool | None = None,
+        scales: Sequence[float] | None = None,
+        score_thresh: float | None = None,
+    ) -> Segments:
+        """Segments of one image (array ``(H, W, 3) uint8`` RGB, or a path) for ``task`` (by
+        default the one the checkpoint was validated on, else the model's first). ``crf`` refines dense class scores with the fully connected
+        CRF; ``score_thresh`` leaves out instances scoring below it."""
         if not isinstance(image, np.ndarray):
             image = load_image(image)
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-        if self.task != "semantic":
-            if crf or any(v for v in tta.values()):
-                raise ValueError(f"CRF and test-time flip/scales apply to semantic models, not to a {self.task} model")
-            x = to_model_input(image, mean=self.mean, std=self.std).to(self.device)
-            with torch.inference_mode():
-                return self.model([x])[0]
-        prob = self.semantic_probabilities(image, **tta)
-        if crf:
-            from omniseg.models.crf import dense_crf
+        x = to_model_input(image, mean=self.mean, std=self.std).unsqueeze(0).to(self.device)
+        tta = self.test_time_augmentation(flip=flip, scales=scales)
+        refine = (lambda outputs: crf_refine(image, outputs)) if crf else None
+        return predict_segments(
+            self.model, x, task=task or self.task, tta=tta, refine=refine, score_thresh=score_thresh
+        )[0]
 
-            prob = dense_crf(image, prob.cpu())
-        confidence, index = prob.max(0)
-        ids = np.asarray(self.categories.ids)[index.cpu().numpy()]
-        # per-segment score = mean confidence of its pixels
-        conf = confidence.cpu().numpy().ravel()
-        sums = np.bincount(ids.ravel(), weights=conf, minlength=max(self.categories.ids) + 1)
-        counts = np.bincount(ids.ravel(), minlength=max(self.categories.ids) + 1)
-        scores = sums / np.maximum(counts, 1)
-        return Segments.from_semantic(ids, categories=self.categories, ignore_index=None, scores=scores)
+
+def crf_refine(image: np.ndarray, outputs: object) -> torch.Tensor:
+    """Dense-CRF refinement of one image's dense class scores ``(1, C, H, W)``, as log probabilities."""
+    if not isinstance(outputs, torch.Tensor) or outputs.ndim != 4 or outputs.shape[0] != 1:
+        raise ValueError("the dense CRF refines per-pixel class scores; this model's outputs are not such scores")
+    from omniseg.models.crf import dense_crf
+
+    prob = dense_crf(image, outputs[0].float().softmax(0).cpu())
+    return prob.clamp_min(torch.finfo(torch.float32).tiny).log()[None].to(outputs.device)
 
 
 def load_predictor(name_or_path: str | Path = DEFAULT_MODEL, *, device: str = "cpu") -> Predictor:
     path = resolve_checkpoint(name_or_path)
     model, meta = load_model(path, device=device)
+    optimize_for_inference(model)  # the fast CPU paths; the same function up to float rounding
     categories = CategoryTable.from_dicts(meta["categories"])
     meta.setdefault("name", path.name)
     return Predictor(model, categories, meta=meta, device=device)

@@ -10,11 +10,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from omniseg.checkpoint import atomic_write_bytes
-from omniseg.data.images import IMAGE_SUFFIXES, DataError, list_images, load_image
+from omniseg.io import IMAGE_SUFFIXES, DataError, atomic_write_bytes, list_images, load_image
 from omniseg.predictor import DEFAULT_MODEL, dump_json, load_predictor, segments_json
-
-VIEWS = {"semantic": "semantic", "instance": "instance", "detection": "instance", "panoptic": "panoptic"}
+from omniseg.visualize import VIEWS
 
 
 def output_paths(out_dir: Path, image_path: Path) -> tuple[Path, Path, Path]:
@@ -33,17 +31,19 @@ def segment_paths(
     out_dir: Path,
     *,
     model: str | None = None,
+    task: str | None = None,
     crf: bool = False,
     flip: bool | None = None,
+    scales: list[float] | None = None,
     force: bool = False,
     device: str = "cpu",
     score_thresh: float = 0.5,
 ) -> int:
     """Segment one image or every image in a folder; returns a process exit code (0, or 1 if any failed).
 
-    Instance models and box detectors keep the detections scoring at least ``score_thresh``
-    (a panoptic model's merge has applied its own thresholds); the label PNG holds the category id
-    of each pixel (255 = none), the overlay outlines every instance.
+    Instances and detections scoring below ``score_thresh`` are left out (a panoptic merge applies
+    its own thresholds); the label PNG holds the category id of each pixel (255 = none), the
+    overlay draws the task's view (a detector's boxes as instances).
     """
     from omniseg.visualize import overlay
 
@@ -64,6 +64,10 @@ def segment_paths(
     if not todo:
         return 0
     predictor = load_predictor(model or DEFAULT_MODEL, device=device)
+    task = task or predictor.task
+    if task not in predictor.tasks:
+        raise DataError(f"model {predictor.name} does {', '.join(predictor.tasks)} segmentation, not {task!r}")
+    view = task if task in VIEWS else "instance"  # a detector's boxes are drawn as instances
     failed = []
     for path in tqdm(todo, desc="segment", unit="img", disable=len(todo) == 1, file=sys.stderr):
         try:
@@ -72,15 +76,13 @@ def segment_paths(
             print(f"skipped: {exc}", file=sys.stderr)
             failed.append(path)
             continue
-        segments = predictor.predict(image, crf=crf, flip=flip)
-        if predictor.task in ("instance", "detection"):  # panoptic merges already applied their thresholds
-            segments = segments.subset(segments.scores >= score_thresh)
+        segments = predictor.predict(image, task=task, crf=crf, flip=flip, scales=scales, score_thresh=score_thresh)
         overlay_path, labels_path, json_path = output_paths(out_dir, path)
         labels = segments.to_semantic(void_value=255)
         if labels.max(initial=0) > 255:
             raise DataError(f"{path}: category ids above 255 do not fit a label PNG")
         atomic_write_bytes(labels_path, _png_bytes(labels.astype(np.uint8)))
-        atomic_write_bytes(overlay_path, _png_bytes(overlay(image, segments, view=VIEWS[predictor.task])))
+        atomic_write_bytes(overlay_path, _png_bytes(overlay(image, segments, view=view)))
         atomic_write_bytes(json_path, dump_json(segments_json(segments, image_path=str(path), model=predictor.name)).encode())
         if len(todo) == 1:
             print(f"wrote {overlay_path}, {labels_path}, {json_path}")

@@ -9,29 +9,54 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from omniseg.data.targets import SemanticMap
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def semantic_train_transform(
+class RandomScale(v2.Transform):
+    """Resize by a factor drawn uniformly from ``scale_range``, relative to each image's own size
+    (v2 ships absolute-size resizes only; datasets of mixed sizes need a relative one)."""
+
+    def __init__(self, scale_range: Sequence[float]) -> None:
+        super().__init__()
+        low, high = (float(s) for s in scale_range)
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range must be 0 < low <= high, got {list(scale_range)}")
+        self.scale_range = (low, high)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        image = next(x for x in flat_inputs if isinstance(x, tv_tensors.Image))
+        h, w = v2.functional.get_size(image)
+        scale = float(torch.empty(()).uniform_(*self.scale_range))
+        return {"size": [max(1, round(h * scale)), max(1, round(w * scale))]}
+
+    def transform(self, inpt, params: dict):
+        return v2.functional.resize(inpt, size=params["size"], antialias=True)
+
+
+def train_transform(
     *,
-    crop_size: Sequence[int] | None,
-    short_side: int,
-    scale_range: Sequence[float] = (0.75, 1.5),
+    scale_range: Sequence[float] | None = None,
+    crop_size: Sequence[int] | None = None,
     hflip: bool = True,
-    color_jitter: float = 0.2,
+    color_jitter: float = 0.0,
     ignore_index: int = 255,
 ) -> v2.Compose:
-    """Random scale (on the short side), random crop padded with ignore, flip, colour; uint8 in, uint8 out."""
-    steps: list = [
-        v2.RandomResize(int(short_side * scale_range[0]), int(short_side * scale_range[1]) + 1, antialias=True)
-    ]
+    """The training augmentation of every task: random scale, random crop (padded: image 0,
+    instance masks 0, the semantic map ``ignore_index``), horizontal flip, colour jitter.
+
+    Applied to ``(tv_tensors.Image, target)`` with the typed target of
+    :func:`omniseg.data.targets.training_target`, so boxes, masks and the semantic map move with
+    the image; uint8 in, uint8 out.
+    """
+    steps: list = []
+    if scale_range:
+        steps.append(RandomScale(scale_range))
     if crop_size:
-        steps.append(
-            v2.RandomCrop(
-                tuple(crop_size), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}
-            )
-        )
+        fill = {tv_tensors.Image: 0, tv_tensors.Mask: 0, SemanticMap: ignore_index, "others": 0}
+        steps.append(v2.RandomCrop(tuple(crop_size), pad_if_needed=True, fill=fill))
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if color_jitter:

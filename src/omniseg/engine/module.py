@@ -2,11 +2,10 @@
 
 It owns optimisation (AdamW, warm-up + poly decay), logging, validation metrics and the RNG
 state that ``--resume`` needs; the model owns its losses (``model(images, targets)`` returns a
-dict of named losses) and its inference (``model(images)``: logits for semantic models,
-``list[Segments]`` for the others).
-
-Validation metric per task (the one that picks the best checkpoint, :attr:`SegmentationTask.monitor`):
-semantic -> mIoU; instance -> COCO mask AP; detection -> COCO box AP; panoptic -> PQ.
+dict of named losses) and its inference (raw outputs, then ``model.post_process``, see
+:mod:`omniseg.inference`). Validation runs the very inference ``omniseg evaluate`` runs, and
+scores it with the metric of the task (:func:`omniseg.metrics.task_metrics.metric_for_task`);
+that metric's ``monitor`` value picks the best checkpoint.
 """
 
 from __future__ import annotations
@@ -16,13 +15,12 @@ import random
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from omniseg.metrics import SemanticMetric, segments_metric, update_segments_metric
+from omniseg.inference import TestTimeAugmentation, predict_segments, validate_task
+from omniseg.metrics.task_metrics import TaskMetric, metric_for_task
+from omniseg.optimize import optimize_for_inference
 from omniseg.structures import CategoryTable
-
-MONITOR = {"semantic": "miou", "instance": "mask_ap", "detection": "box_ap", "panoptic": "pq"}
 
 
 class SegmentationTask(L.LightningModule):
@@ -30,60 +28,40 @@ class SegmentationTask(L.LightningModule):
         self,
         model: nn.Module,
         *,
-        task: str = "semantic",
-        categories: CategoryTable | None = None,
-        num_classes: int | None = None,
+        categories: CategoryTable,
+        task: str | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         backbone_lr_mult: float = 1.0,
         warmup_steps: int = 0,
         total_steps: int = 1,
         poly_power: float = 0.9,
-        val_flip: bool = False,
-        val_scale: float = 1.0,
-        ignore_index: int = 255,
+        tta: TestTimeAugmentation | None = None,
     ) -> None:
         super().__init__()
-        if task not in MONITOR:
-            raise ValueError(f"unknown task {task!r}; expected one of {sorted(MONITOR)}")
-        if task == "semantic" and num_classes is None:
-            raise ValueError("a semantic task needs num_classes")
-        if task != "semantic" and categories is None:
-            raise ValueError(f"a {task} task needs the dataset's categories")
         self.model = model
-        self.task = task
+        self.task = validate_task(model, task)
         self.categories = categories
-        self.monitor = MONITOR[task]
-        self.num_classes = num_classes
+        self.tta = tta or TestTimeAugmentation()
         self.lr = lr
         self.weight_decay = weight_decay
         self.backbone_lr_mult = backbone_lr_mult
         self.warmup_steps = warmup_steps
         self.total_steps = max(total_steps, 1)
         self.poly_power = poly_power
-        self.val_flip = val_flip
-        self.val_scale = val_scale
-        self.ignore_index = ignore_index
-        self.metric = self._new_metric()
+        self.metric: TaskMetric = metric_for_task(self.task, categories)
+        self.monitor = self.metric.monitor
         self.last_val: dict = {}
-
-    def _new_metric(self):
-        if self.task == "semantic":
-            return SemanticMetric(self.num_classes, ignore_index=self.ignore_index)
-        return segments_metric(self.task, self.categories)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        if self.task == "semantic":
-            images, labels = batch
-            losses = self.model(images, {"semantic": labels})
-        else:
-            images, targets = batch[:2]
-            losses = self.model(images, targets)
+        images, targets = batch
+        losses = self.model(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
+            values = {k: float(v.detach()) for k, v in losses.items()}
             raise FloatingPointError(
-                f"non-finite training loss at step {self.global_step} ({ {k: float(v) for k, v in losses.items()} }); "
+                f"non-finite training loss at step {self.global_step} ({values}); "
                 "stopping. The last good checkpoint is left untouched."
             )
         for name, value in losses.items():
@@ -93,29 +71,17 @@ class SegmentationTask(L.LightningModule):
         return loss
 
     # ---------------------------------------------------------------- validation
-    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        size = images.shape[-2:]
-        if self.val_scale != 1.0:
-            images = F.interpolate(images, scale_factor=self.val_scale, mode="bilinear", align_corners=False)
-        logits = self.model(images)
-        if self.val_flip:
-            logits = logits + self.model(images.flip(-1)).flip(-1)
-        if logits.shape[-2:] != size:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits
-
     def on_validation_epoch_start(self) -> None:
-        self.metric = self._new_metric()
+        self.metric = metric_for_task(self.task, self.categories)
+        # the inference `omniseg evaluate` runs, fast paths included (they act in eval mode without
+        # autograd only, so training steps keep computing the plain path)
+        optimize_for_inference(self.model)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        if self.task == "semantic":
-            images, labels = batch
-            pred = self.predict_logits(images).argmax(1)
-            self.metric.update(pred.cpu().numpy(), labels.cpu().numpy())
-            return
-        images, _, gts, image_ids = batch
-        for image_id, gt, pred in zip(image_ids, gts, self.model(images), strict=True):
-            update_segments_metric(self.metric, image_id, gt, pred)
+        images, gts, image_ids = batch
+        preds = predict_segments(self.model, images, task=self.task, tta=self.tta)
+        for image_id, gt, pred in zip(image_ids, gts, preds, strict=True):
+            self.metric.update(image_id, gt, pred)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.world_size > 1:
@@ -126,19 +92,9 @@ class SegmentationTask(L.LightningModule):
                 merged.merge(other)
             self.metric = merged
         result = self.metric.compute()
-        if self.task == "semantic":
-            scalars = {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}
-        elif self.task == "panoptic":
-            scalars = {"pq": result["All"]["pq"], "pq_things": result["Things"]["pq"], "pq_stuff": result["Stuff"]["pq"]}
-        else:
-            scalars = {
-                "mask_ap": max(result["segm"]["AP"], 0.0), "mask_ap50": max(result["segm"]["AP50"], 0.0),
-                "box_ap": max(result["bbox"]["AP"], 0.0), "box_ap50": max(result["bbox"]["AP50"], 0.0),
-            }  # fmt: skip
-            if self.task == "detection":  # box-only models: their "masks" are filled boxes
-                scalars = {k: v for k, v in scalars.items() if k.startswith("box")}
+        scalars = self.metric.summary(result)
         self.last_val = {"score": float(scalars[self.monitor]), **{k: float(v) for k, v in scalars.items()}}
-        if self.task == "semantic":
+        if "per_class_iou" in result:
             self.last_val["per_class_iou"] = list(map(float, result["per_class_iou"]))
         for name, value in scalars.items():
             self.log(f"val/{name}", float(value), prog_bar=name == self.monitor, sync_dist=False)

@@ -5,16 +5,18 @@ Config sections (see ``configs/*.yaml``):
 * ``model``: builder name and kwargs (``name: deeplabv3plus``, ``backbone``, ``output_stride`` ...);
   ``class_weights: auto`` derives inverse-log-frequency weights from the training labels.
 * ``data``: ``train`` and ``val`` dataset specs for :func:`omniseg.data.open_dataset`, plus
-  ``batch_size``, ``num_workers``, ``hflip``, ``color_jitter``; for semantic models also
-  ``crop_size``, ``scale_range``, ``cache`` (instance / panoptic models jitter scale through their
-  own ``min_size`` list).
+  ``batch_size``, ``val_batch_size``, ``num_workers``, ``cache``, and the augmentation every task
+  shares (:func:`omniseg.data.transforms.train_transform`): ``scale_range`` (relative to each
+  image), ``crop_size``, ``hflip``, ``color_jitter``. Detectors can also jitter scale through
+  their own ``min_size`` list.
 
-The model's ``task`` (semantic, instance, detection, panoptic) picks the data pipeline and the
-validation metric; a model that takes ``categories`` gets the training set's table unless the
-config gives ``categories`` or ``num_classes``.
+The model's declared ``tasks`` (its first, or ``train.task``) pick the validation metric; a
+model whose builder takes ``categories`` gets the training set's table unless the config gives
+``categories`` or ``num_classes``.
 * ``train``: ``epochs``, ``lr``, ``weight_decay``, ``backbone_lr_mult``, ``warmup_steps``,
-  ``out_dir``, ``seed``, ``devices``, ``num_nodes``, ``strategy``, ``val_flip``, ``val_scale``
-  (input scale of validation, for models trained on upscaled frames), ``precision``,
+  ``out_dir``, ``seed``, ``devices``, ``num_nodes``, ``strategy``, ``task``, ``val_flip``,
+  ``val_scales`` (test-time scales of validation, e.g. ``[1.5]`` for models trained on upscaled
+  frames; ``val_scale`` is the one-scale form), ``precision``,
   ``threads``, ``max_steps``, ``max_time`` (``"DD:HH:MM:SS"`` wall-clock limit).
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
-import os
 from pathlib import Path
 
 import lightning as L
@@ -33,21 +34,23 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from omniseg.checkpoint import atomic_write_json, save_checkpoint
+from omniseg.checkpoint import save_checkpoint
 from omniseg.data import open_dataset
-from omniseg.data.transforms import semantic_train_transform
-from omniseg.engine.detection_data import SegmentsTrainSet, collate_lists
+from omniseg.data.targets import SEGMENT_FIELDS
+from omniseg.data.transforms import train_transform
+from omniseg.engine.data import EvaluationSet, TrainingSet, collate
 from omniseg.engine.module import SegmentationTask
-from omniseg.engine.semantic_data import IGNORE, SemanticTrainSet
-from omniseg.models import build_model, model_arguments
+from omniseg.inference import TestTimeAugmentation
+from omniseg.io import atomic_path, atomic_write_json
+from omniseg.models import attach_categories, build_model, model_arguments
 
 
-def class_weights_from_labels(train_set: SemanticTrainSet, num_classes: int) -> list[float]:
+def class_weights_from_labels(train_set: TrainingSet, num_classes: int) -> list[float]:
     """ENet's ``1 / ln(1.02 + p_c)`` weights from the training label frequencies."""
     counts = np.zeros(num_classes, dtype=np.float64)
     for i in range(len(train_set)):
-        _, label = train_set._cache[i] if train_set._cache is not None else train_set._load(i)
-        counts += np.bincount(label[label != IGNORE].ravel(), minlength=num_classes)[:num_classes]
+        label = train_set.raw(i)[1]["semantic"].numpy()
+        counts += np.bincount(label[label < num_classes].ravel(), minlength=num_classes)[:num_classes]
     freq = counts / max(counts.sum(), 1.0)
     weights = 1.0 / np.log(1.02 + freq)
     return (weights / weights.mean()).round(4).tolist()
@@ -71,11 +74,10 @@ class CheckpointAndCurves(Callback):
         self.best = float(state_dict.get("best", -math.inf))
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: SegmentationTask) -> None:
-        tmp = self.out_dir / ".last.ckpt.tmp"
-        trainer.save_checkpoint(tmp)
-        trainer.strategy.barrier()
+        with atomic_path(self.out_dir / "last.ckpt", commit=trainer.is_global_zero) as tmp:
+            trainer.save_checkpoint(tmp)
+            trainer.strategy.barrier()
         if trainer.is_global_zero:
-            os.replace(tmp, self.out_dir / "last.ckpt")
             val = module.last_val
             if val and val["score"] > self.best:
                 self.best = val["score"]
@@ -87,6 +89,9 @@ class CheckpointAndCurves(Callback):
                     extra={
                         "epoch": trainer.current_epoch,
                         "val": {k: v for k, v in val.items() if k != "score"},
+                        "task": module.task,
+                        # evaluate / segment default to the test-time setting the figure was measured with
+                        "inference": {"flip": module.tta.flip, "scales": list(module.tta.scales)},
                         "recipe": self.recipe,
                     },
                 )
@@ -145,55 +150,39 @@ def plot_training_curves(metrics_csvs: list[Path], out_png: Path, monitor: str =
     ax2.set_ylabel(f"val {label} (%)")
     fig.legend(loc="upper center", ncol=2)
     fig.tight_layout()
-    tmp = out_png.with_name("." + out_png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)
 
 
-def _semantic_train_set(train_ds, data_cfg: dict) -> SemanticTrainSet:
-    short_side = int(data_cfg.get("short_side") or train_ds.load_pair(0)[0].shape[0])
-    transform = semantic_train_transform(
+def _train_set(train_ds, data_cfg: dict, *, with_segments: bool) -> TrainingSet:
+    transform = train_transform(
+        scale_range=data_cfg.get("scale_range"),
         crop_size=data_cfg.get("crop_size"),
-        short_side=short_side,
-        scale_range=data_cfg.get("scale_range", (0.75, 1.5)),
         hflip=data_cfg.get("hflip", True),
-        color_jitter=data_cfg.get("color_jitter", 0.2),
-        ignore_index=IGNORE,
+        color_jitter=data_cfg.get("color_jitter", 0.0),
     )
-    return SemanticTrainSet(train_ds, transform, cache=bool(data_cfg.get("cache", False)))
+    return TrainingSet(train_ds, transform, with_segments=with_segments, cache=bool(data_cfg.get("cache", False)))
 
 
-def _loaders(task: str, train_ds, train_set, data_cfg: dict) -> tuple[DataLoader, DataLoader | None]:
+def _loaders(train_set: TrainingSet, data_cfg: dict) -> tuple[DataLoader, DataLoader | None]:
     workers = int(data_cfg.get("num_workers", 0))
-    batch_size = int(data_cfg.get("batch_size", 8))
-    val_batch_size = int(data_cfg.get("val_batch_size", 4))
-    if task == "semantic":
-        train_set = train_set or _semantic_train_set(train_ds, data_cfg)
-        val_set = (
-            SemanticTrainSet(open_dataset(data_cfg["val"]), None, cache=bool(data_cfg.get("cache", False)))
-            if data_cfg.get("val")
-            else None
-        )
-        collate = None
-    else:
-        train_set = SegmentsTrainSet(
-            train_ds, task, hflip=data_cfg.get("hflip", True), color_jitter=data_cfg.get("color_jitter", 0.0)
-        )
-        val_set = SegmentsTrainSet(open_dataset(data_cfg["val"]), task, evaluation=True) if data_cfg.get("val") else None
-        if val_set is not None and val_set.categories.ids != train_set.categories.ids:
-            raise ValueError(
-                f"validation categories {val_set.categories.ids} differ from training {train_set.categories.ids}"
-            )
-        collate = collate_lists
+    val_set = EvaluationSet(open_dataset(data_cfg["val"])) if data_cfg.get("val") else None
+    if val_set is not None and val_set.categories.ids != train_set.categories.ids:
+        raise ValueError(f"validation categories {val_set.categories.ids} differ from training {train_set.categories.ids}")
     train_loader = DataLoader(
-        train_set, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
-        persistent_workers=workers > 0, collate_fn=collate,
+        train_set, batch_size=int(data_cfg.get("batch_size", 8)), shuffle=True, drop_last=True,
+        num_workers=workers, persistent_workers=workers > 0, collate_fn=collate,
     )  # fmt: skip
     val_loader = None
     if val_set is not None:
-        val_loader = DataLoader(val_set, batch_size=val_batch_size, num_workers=0, collate_fn=collate)
+        val_loader = DataLoader(val_set, batch_size=int(data_cfg.get("val_batch_size", 4)), num_workers=0, collate_fn=collate)
     return train_loader, val_loader
+
+
+def _validation_tta(train_cfg: dict) -> TestTimeAugmentation:
+    scales = train_cfg.get("val_scales") or [train_cfg.get("val_scale", 1.0)]
+    return TestTimeAugmentation(flip=bool(train_cfg.get("val_flip", False)), scales=tuple(scales))
 
 
 def build_training(config: dict) -> tuple[L.Trainer, SegmentationTask, DataLoader, DataLoader | None, Path]:
@@ -211,32 +200,35 @@ def build_training(config: dict) -> tuple[L.Trainer, SegmentationTask, DataLoade
             model_cfg["categories"] = categories.to_dicts()
     else:
         model_cfg.setdefault("num_classes", len(categories))
-    train_set = None
-    if model_cfg.get("class_weights") == "auto":
-        train_set = _semantic_train_set(train_ds, data_cfg)
-        model_cfg["class_weights"] = class_weights_from_labels(train_set, model_cfg["num_classes"])
+    auto_weights = model_cfg.get("class_weights") == "auto"
+    if auto_weights:
+        model_cfg["class_weights"] = None
     model = build_model(model_cfg)
-    task = getattr(model, "task", "semantic")
-    # the checkpoint records every builder argument (defaults included), and carries all weights itself
+    # models that learn from the semantic map alone say so; the rest get every segment's mask
+    with_segments = any(f in SEGMENT_FIELDS for f in getattr(model, "target_fields", SEGMENT_FIELDS))
+    train_set = _train_set(train_ds, data_cfg, with_segments=with_segments)
+    if auto_weights:
+        model_cfg["class_weights"] = class_weights_from_labels(train_set, len(categories))
+        model = build_model(model_cfg)
+    attach_categories(model, categories)
+    # the checkpoint records every builder argument, and carries all weights itself
     model_cfg = {k: v for k, v in getattr(model, "config", model_cfg).items() if k != "pretrained_backbone"}
-    train_loader, val_loader = _loaders(task, train_ds, train_set, data_cfg)
+    train_loader, val_loader = _loaders(train_set, data_cfg)
 
     epochs = int(train_cfg.get("epochs", 10))
     devices = int(train_cfg.get("devices", 1))
     steps_per_epoch = max(len(train_loader) // devices, 1)
     module = SegmentationTask(
         model,
-        task=task,
+        task=train_cfg.get("task"),
         categories=categories,
-        num_classes=model_cfg.get("num_classes") if task == "semantic" else None,
         lr=float(train_cfg.get("lr", 1e-3)),
         weight_decay=float(train_cfg.get("weight_decay", 1e-4)),
         backbone_lr_mult=float(train_cfg.get("backbone_lr_mult", 1.0)),
         warmup_steps=int(train_cfg.get("warmup_steps", 0)),
         total_steps=epochs * steps_per_epoch,
         poly_power=float(train_cfg.get("poly_power", 0.9)),
-        val_flip=bool(train_cfg.get("val_flip", False)),
-        val_scale=float(train_cfg.get("val_scale", 1.0)),
+        tta=_validation_tta(train_cfg),
     )
     # auto-numbered versions: a resumed run appends logs/version_N instead of overwriting history
     loggers: list = [CSVLogger(out_dir, name="logs")]

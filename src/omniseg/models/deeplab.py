@@ -20,15 +20,20 @@ named, already weighted scalar losses whose sum is the training objective.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omniseg.inference import validate_task
+from omniseg.losses import semantic_cross_entropy
 from omniseg.models import register_model
 from omniseg.models.backbones import Backbone, build_backbone
 from omniseg.models.layers import ConvBNAct
 from omniseg.models.layers.aspp import ASPP, atrous_rates_for
+from omniseg.models.layers.dense_prediction import semantic_segments_from_scores
+from omniseg.structures import CategoryTable, Segments
 
 __all__ = [
     "DeepLabHead",
@@ -40,58 +45,6 @@ __all__ = [
     "load_torchvision_deeplabv3",
     "semantic_cross_entropy",
 ]
-
-
-# ----------------------------------------------------------------------------------------- loss
-def semantic_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    *,
-    ignore_index: int = 255,
-    class_weights: Tensor | None = None,
-    label_smoothing: float = 0.0,
-    ohem_thresh: float | None = None,
-    ohem_min_kept: int = 100_000,
-) -> Tensor:
-    """Per-pixel cross-entropy averaged over labelled pixels, optionally over hard pixels only (OHEM).
-
-    The mean is PyTorch's weighted mean (``sum(loss) / sum(weight[target])``), but a batch with no
-    labelled pixel gives 0 (with a gradient graph) instead of NaN.
-    OHEM (as mmsegmentation's ``OHEMPixelSampler``): keep pixels whose predicted probability of the
-    true class is below ``max(ohem_thresh, p_k)``, where ``p_k`` is the ``ohem_min_kept * B``-th
-    smallest such probability, so that at least that many pixels are kept.
-    """
-    if logits.shape[-2:] != target.shape[-2:] or logits.shape[0] != target.shape[0]:
-        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
-    target = target.long()
-    pixel_loss = F.cross_entropy(
-        logits,
-        target,
-        weight=class_weights,
-        ignore_index=ignore_index,
-        reduction="none",
-        label_smoothing=label_smoothing,
-    )
-    valid = target != ignore_index
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
-    if class_weights is not None:
-        pixel_weight = class_weights.to(logits.dtype)[safe_target] * valid
-    else:
-        pixel_weight = valid.to(logits.dtype)
-    if ohem_thresh is not None:
-        with torch.no_grad():
-            prob = logits.softmax(dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
-            valid_prob = prob[valid]
-            if valid_prob.numel() > 0:
-                k = min(ohem_min_kept * logits.shape[0], valid_prob.numel() - 1)
-                kth = valid_prob.kthvalue(k + 1).values
-                threshold = torch.clamp(kth, min=ohem_thresh)
-                keep = valid & (prob < threshold)
-            else:
-                keep = valid
-        pixel_loss = pixel_loss * keep
-        pixel_weight = pixel_weight * keep
-    return pixel_loss.sum() / pixel_weight.sum().clamp_min(torch.finfo(logits.dtype).tiny)
 
 
 # ---------------------------------------------------------------------------------------- heads
@@ -144,21 +97,31 @@ class SeparableConvBNReLU(nn.Sequential):
 
 # --------------------------------------------------------------------------------------- models
 class _SemanticModel(nn.Module):
-    """The training/inference contract and the loss shared by the DeepLab models."""
+    """The training/inference contract and the loss shared by the DeepLab models; its keyword
+    options (``aux``, ``aux_weight``, ``ignore_index``, ``class_weights``, ``label_smoothing``,
+    ``ohem_thresh``, ``ohem_min_kept``, ``channels_last``) are every DeepLab's ``**options``.
+
+    Raw outputs are logits ``(B, C, H, W)`` at the input resolution; :meth:`post_process` turns
+    them into semantic :class:`Segments`, class ``k`` being ``categories``' ``k``-th category.
+    """
+
+    tasks: tuple[str, ...] = ("semantic",)
+    target_fields: tuple[str, ...] = ("semantic",)  # the per-pixel map is all it learns from
+    categories: CategoryTable | None = None
 
     def __init__(
         self,
         backbone: Backbone,
         num_classes: int,
         *,
-        aux: bool,
-        aux_weight: float,
-        ignore_index: int,
-        class_weights: Sequence[float] | Tensor | None,
-        label_smoothing: float,
-        ohem_thresh: float | None,
-        ohem_min_kept: int,
-        channels_last: bool,
+        aux: bool = False,
+        aux_weight: float = 0.5,
+        ignore_index: int = 255,
+        class_weights: Sequence[float] | Tensor | None = None,
+        label_smoothing: float = 0.0,
+        ohem_thresh: float | None = None,
+        ohem_min_kept: int = 100_000,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -191,8 +154,15 @@ class _SemanticModel(nn.Module):
     def decode(self, features: list[Tensor]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, images: Tensor, targets: Mapping[str, Tensor] | None = None) -> Tensor | dict[str, Tensor]:
-        """Logits ``(B, C, H, W)`` at input size, or, given ``targets``, a dict of losses."""
+    def forward(
+        self, images: Tensor, targets: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor] | None = None
+    ) -> Tensor | dict[str, Tensor]:
+        """Logits ``(B, C, H, W)`` at input size, or, given ``targets``, a dict of losses.
+
+        ``targets``: one dict per image with ``"semantic"`` ``(H, W)`` class indices (the
+        training targets of :func:`omniseg.data.targets.training_target`), or one dict whose
+        ``"semantic"`` is the stacked ``(B, H, W)`` batch.
+        """
         if images.ndim != 4:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
         size = images.shape[-2:]
@@ -204,7 +174,8 @@ class _SemanticModel(nn.Module):
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         if targets is None:
             return logits
-        target = targets["semantic"]
+        target = targets["semantic"] if isinstance(targets, Mapping) else torch.stack([t["semantic"] for t in targets])
+        target = target.to(logits.device)
         losses = {"loss_ce": self.loss(logits, target)}
         if self.aux_classifier is not None:
             aux = self.aux_classifier(features[2]).contiguous()
@@ -224,10 +195,13 @@ class _SemanticModel(nn.Module):
             ohem_min_kept=self.ohem_min_kept,
         )
 
-    @staticmethod
-    def post_process_semantic(logits: Tensor) -> Tensor:
-        """``(B, C, H, W)`` logits -> ``(B, H, W)`` class indices."""
-        return logits.argmax(dim=1)
+    def post_process(
+        self, outputs: Tensor, image_sizes: Sequence[Sequence[int]], *, task: str = "semantic", **_: object
+    ) -> list[Segments]:
+        """Semantic ``Segments`` per image (each segment scored by its mean softmax confidence).
+        Options meant for other models (``score_thresh``) do not apply to a label map."""
+        validate_task(self, task)
+        return semantic_segments_from_scores(outputs, image_sizes, self.categories)
 
 
 class DeepLabV3(_SemanticModel):
@@ -240,30 +214,12 @@ class DeepLabV3(_SemanticModel):
         self,
         backbone: Backbone,
         num_classes: int,
-        aux: bool = False,
         *,
         atrous_rates: Sequence[int] | None = None,
         aspp_dropout: float = 0.5,
-        aux_weight: float = 0.5,
-        ignore_index: int = 255,
-        class_weights: Sequence[float] | Tensor | None = None,
-        label_smoothing: float = 0.0,
-        ohem_thresh: float | None = None,
-        ohem_min_kept: int = 100_000,
-        channels_last: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            backbone,
-            num_classes,
-            aux=aux,
-            aux_weight=aux_weight,
-            ignore_index=ignore_index,
-            class_weights=class_weights,
-            label_smoothing=label_smoothing,
-            ohem_thresh=ohem_thresh,
-            ohem_min_kept=ohem_min_kept,
-            channels_last=channels_last,
-        )
+        super().__init__(backbone, num_classes, **options)
         rates = tuple(atrous_rates) if atrous_rates is not None else atrous_rates_for(backbone.output_stride)
         self.classifier = DeepLabHead(backbone.channels[3], num_classes, rates, dropout=aspp_dropout)
         self._set_memory_format()
@@ -284,29 +240,11 @@ class DeepLabV3Plus(_SemanticModel):
         *,
         aspp_channels: int | None = None,
         separable: bool = True,
-        aux: bool = False,
         atrous_rates: Sequence[int] | None = None,
         aspp_dropout: float = 0.1,
-        aux_weight: float = 0.5,
-        ignore_index: int = 255,
-        class_weights: Sequence[float] | Tensor | None = None,
-        label_smoothing: float = 0.0,
-        ohem_thresh: float | None = None,
-        ohem_min_kept: int = 100_000,
-        channels_last: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            backbone,
-            num_classes,
-            aux=aux,
-            aux_weight=aux_weight,
-            ignore_index=ignore_index,
-            class_weights=class_weights,
-            label_smoothing=label_smoothing,
-            ohem_thresh=ohem_thresh,
-            ohem_min_kept=ohem_min_kept,
-            channels_last=channels_last,
-        )
+        super().__init__(backbone, num_classes, **options)
         rates = tuple(atrous_rates) if atrous_rates is not None else atrous_rates_for(backbone.output_stride)
         aspp_channels = aspp_channels or decoder_channels
         self.aspp = ASPP(backbone.channels[3], rates, aspp_channels, dropout=aspp_dropout, separable=separable)
@@ -332,6 +270,155 @@ class DeepLabV3Plus(_SemanticModel):
         return self.classifier(self.decoder(torch.cat([context, low], dim=1)))
 
 
+# ------------------------------------------------------------------------- DeepLab v1 and v2
+def _paper_rates(rates: Sequence[int], output_stride: int) -> tuple[int, ...]:
+    """DeepLab v1/v2 rates are defined at output stride 8; at 16 or 32 they shrink in proportion."""
+    return tuple(max(1, r * 8 // output_stride) for r in rates)
+
+
+class LargeFOVHead(nn.Sequential):
+    """DeepLab v1 LargeFOV head: fc6 (3x3 atrous) - ReLU - dropout - fc7 (1x1) - ReLU - dropout - fc8 (1x1).
+
+    As in the paper there is no BatchNorm: the convs carry biases. fc6/fc7 get He-normal weights
+    (they have no ImageNet fc layers to start from here), fc8 the paper's N(0, 0.01).
+    ``forward`` returns class scores at the backbone's resolution.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        rate: int = 12,
+        fc6_channels: int = 1024,
+        fc7_channels: int = 1024,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        # the paper's layer names, in order (Sequential runs its children in insertion order)
+        self.add_module("fc6", nn.Conv2d(in_channels, fc6_channels, 3, padding=rate, dilation=rate))
+        self.add_module("relu6", nn.ReLU(inplace=True))
+        self.add_module("drop6", nn.Dropout(dropout))
+        self.add_module("fc7", nn.Conv2d(fc6_channels, fc7_channels, 1))
+        self.add_module("relu7", nn.ReLU(inplace=True))
+        self.add_module("drop7", nn.Dropout(dropout))
+        self.add_module("fc8", nn.Conv2d(fc7_channels, num_classes, 1))
+        self.rate = rate
+        for conv in (self.fc6, self.fc7):
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.fc8.weight, std=0.01)
+        nn.init.zeros_(self.fc8.bias)
+
+
+class ASPPLHead(nn.Module):
+    """DeepLab v2 ASPP-L: one :class:`LargeFOVHead` branch per atrous rate; their class scores are summed."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        rates: Sequence[int] = (6, 12, 18, 24),
+        fc6_channels: int = 1024,
+        fc7_channels: int = 1024,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if not rates:
+            raise ValueError("ASPP-L needs at least one atrous rate")
+        self.branches = nn.ModuleList(
+            LargeFOVHead(
+                in_channels, num_classes, rate=r, fc6_channels=fc6_channels, fc7_channels=fc7_channels, dropout=dropout
+            )
+            for r in rates
+        )
+        self.rates = tuple(rates)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.branches[0](x)
+        for branch in self.branches[1:]:
+            scores = scores + branch(x)
+        return scores
+
+
+class DeepLabV1(_SemanticModel):
+    """DeepLab v1 (Chen et al. 2015), LargeFOV: backbone at output stride 8 -> :class:`LargeFOVHead` -> upsample.
+
+    The paper's fc6/fc7 are 1024 wide on VGG-16's 512-channel conv5; the defaults here (512) suit
+    EfficientNet-Lite0's 320-channel output: 1024 would make the head larger than the encoder
+    (4.0M vs 3.0M parameters) and add ~45% to the stride-8 encoder's CPU latency.
+    ``atrous_rate`` defaults to the paper's 12 at output stride 8 (scaled down at 16 / 32).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        atrous_rate: int | None = None,
+        fc6_channels: int = 512,
+        fc7_channels: int | None = None,
+        dropout: float = 0.5,
+        **options: Any,
+    ) -> None:
+        super().__init__(backbone, num_classes, **options)
+        rate = atrous_rate if atrous_rate is not None else _paper_rates((12,), backbone.output_stride)[0]
+        self.classifier = LargeFOVHead(
+            backbone.channels[3],
+            num_classes,
+            rate=rate,
+            fc6_channels=fc6_channels,
+            fc7_channels=fc7_channels or fc6_channels,
+            dropout=dropout,
+        )
+        self._set_memory_format()
+
+    def decode(self, features: list[Tensor]) -> Tensor:
+        return self.classifier(features[3])
+
+
+class DeepLabV2(_SemanticModel):
+    """DeepLab v2 (Chen et al. 2017), ASPP-L: backbone at output stride 8 -> :class:`ASPPLHead` -> upsample.
+
+    Four LargeFOV branches at rates 6, 12, 18, 24 (at output stride 8; scaled down at 16 / 32) whose
+    class scores are summed. Each branch is 256 wide by default (the paper: 1024 on VGG-16): on
+    EfficientNet-Lite0, four 1024-wide branches would hold 16M parameters (5x the encoder) and
+    more than double the CPU latency; four 256-wide ones hold 3.2M and cost about as much as
+    DeepLab v1's 512-wide head.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        atrous_rates: Sequence[int] | None = None,
+        fc6_channels: int = 256,
+        fc7_channels: int | None = None,
+        dropout: float = 0.5,
+        **options: Any,
+    ) -> None:
+        super().__init__(backbone, num_classes, **options)
+        rates = (
+            tuple(atrous_rates)
+            if atrous_rates is not None
+            else _paper_rates((6, 12, 18, 24), backbone.output_stride)
+        )
+        self.classifier = ASPPLHead(
+            backbone.channels[3],
+            num_classes,
+            rates=rates,
+            fc6_channels=fc6_channels,
+            fc7_channels=fc7_channels or fc6_channels,
+            dropout=dropout,
+        )
+        self._set_memory_format()
+
+    def decode(self, features: list[Tensor]) -> Tensor:
+        return self.classifier(features[3])
+
+
 # ------------------------------------------------------------------------------------ importers
 def load_torchvision_deeplabv3(model: DeepLabV3, state_dict: Mapping[str, Tensor]) -> None:
     """Load a torchvision ``deeplabv3_resnet50/101`` state dict into :class:`DeepLabV3`.
@@ -351,58 +438,66 @@ def load_torchvision_deeplabv3(model: DeepLabV3, state_dict: Mapping[str, Tensor
 
 
 # ------------------------------------------------------------------------------------- builders
-def _build_backbone(options: dict) -> Backbone:
-    """Pops the backbone arguments from a builder's ``options``; the rest go to the model."""
-    return build_backbone(
-        options.pop("backbone"), output_stride=options.pop("output_stride"), pretrained=options.pop("pretrained_backbone")
-    )
+# Keyword-only builders in torchvision's style: the backbone arguments are the builder's own, every
+# other keyword goes to the model class, so each constructor option is reachable from a config.
+def _backbone(backbone: str, output_stride: int, pretrained_backbone: bool | str) -> Backbone:
+    return build_backbone(backbone, output_stride=output_stride, pretrained=pretrained_backbone)
 
 
 @register_model("deeplabv3")
 def deeplabv3(
     *,
-    backbone: str = "resnet50",
     num_classes: int,
+    backbone: str = "resnet50",
     output_stride: int = 16,
     pretrained_backbone: bool | str = False,
-    aux: bool = False,
-    atrous_rates: Sequence[int] | None = None,
-    aspp_dropout: float = 0.5,
-    aux_weight: float = 0.5,
-    ignore_index: int = 255,
-    class_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    ohem_thresh: float | None = None,
-    ohem_min_kept: int = 100_000,
-    channels_last: bool = True,
+    **kwargs: Any,
 ) -> DeepLabV3:
-    """DeepLabV3 on ``backbone`` (any :func:`build_backbone` name) at ``output_stride`` 8 or 16."""
-    options = dict(locals())
-    return DeepLabV3(_build_backbone(options), **options)
+    """DeepLabV3 on ``backbone`` (any :func:`build_backbone` name) at ``output_stride`` 8 or 16;
+    ``kwargs`` go to :class:`DeepLabV3` (``aux``, ``atrous_rates``, ``class_weights``, ...)."""
+    return DeepLabV3(_backbone(backbone, output_stride, pretrained_backbone), num_classes, **kwargs)
 
 
 @register_model("deeplabv3plus")
 def deeplabv3plus(
     *,
-    backbone: str = "efficientnet_lite0",
     num_classes: int,
+    backbone: str = "efficientnet_lite0",
     output_stride: int = 16,
     pretrained_backbone: bool | str = False,
-    low_level_channels: int = 48,
-    decoder_channels: int = 256,
-    aspp_channels: int | None = None,
-    separable: bool = True,
-    aux: bool = False,
-    atrous_rates: Sequence[int] | None = None,
-    aspp_dropout: float = 0.1,
-    aux_weight: float = 0.5,
-    ignore_index: int = 255,
-    class_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    ohem_thresh: float | None = None,
-    ohem_min_kept: int = 100_000,
-    channels_last: bool = True,
+    **kwargs: Any,
 ) -> DeepLabV3Plus:
-    """DeepLabV3+ on ``backbone`` (any :func:`build_backbone` name) at ``output_stride`` 8 or 16."""
-    options = dict(locals())
-    return DeepLabV3Plus(_build_backbone(options), **options)
+    """DeepLabV3+ on ``backbone`` at ``output_stride`` 8 or 16; ``kwargs`` go to
+    :class:`DeepLabV3Plus` (``decoder_channels``, ``aspp_channels``, ``separable``, ...)."""
+    return DeepLabV3Plus(_backbone(backbone, output_stride, pretrained_backbone), num_classes, **kwargs)
+
+
+@register_model("deeplabv1")
+def deeplabv1(
+    *,
+    num_classes: int,
+    backbone: str = "efficientnet_lite0",
+    output_stride: int = 8,
+    pretrained_backbone: bool | str = False,
+    **kwargs: Any,
+) -> DeepLabV1:
+    """DeepLab v1 LargeFOV on ``backbone``, output stride 8 by default; ``kwargs`` go to
+    :class:`DeepLabV1` (``atrous_rate``, ``fc6_channels``, ``fc7_channels``, ``dropout``, ...)."""
+    return DeepLabV1(_backbone(backbone, output_stride, pretrained_backbone), num_classes, **kwargs)
+
+
+@register_model("deeplabv2")
+def deeplabv2(
+    *,
+    num_classes: int,
+    backbone: str = "efficientnet_lite0",
+    output_stride: int = 8,
+    pretrained_backbone: bool | str = False,
+    **kwargs: Any,
+) -> DeepLabV2:
+    """DeepLab v2 ASPP-L on ``backbone``, output stride 8 by default; ``kwargs`` go to
+    :class:`DeepLabV2` (``atrous_rates``, ``fc6_channels``, ``fc7_channels``, ``dropout``, ...)."""
+    return DeepLabV2(_backbone(backbone, output_stride, pretrained_backbone), num_classes, **kwargs)
+
+
+__all__ += ["ASPPLHead", "DeepLabV1", "DeepLabV2", "LargeFOVHead", "deeplabv1", "deeplabv2"]

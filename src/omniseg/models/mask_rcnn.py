@@ -10,28 +10,30 @@ The RPN, the box / mask RoI heads and their losses are torchvision's modules (sa
 names, so ``torchvision_import.load_torchvision_maskrcnn`` only renames the backbone). What is
 ours: taking any :func:`~omniseg.models.backbones.build_backbone` backbone, the model contract
 (normalised images in, losses or :class:`~omniseg.structures.Segments` out), and a faster CPU
-inference path with the same outputs:
+inference path with the same outputs, switched on by :func:`omniseg.optimize_for_inference`:
 
 * the backbone runs as a batch-norm-folded copy kept in oneDNN's blocked layout with pre-packed
   weights (:mod:`omniseg.models.layers.fast_inference`): no per-convolution reorders, the same
   kernels, so the same numbers as the folded network;
 * the 3x3 convolutions of the FPN, RPN head and mask head run as Winograd (NNPACK) convolutions,
   the 1x1 ones as GEMMs; results move by float rounding only (~1e-5 relative in the features; on
-  the test and benchmark weights boxes agree with torchvision to 1-2 ulp, scores to 5e-7).
-  ``winograd=False`` runs every convolution directly (only the summation order differs);
+  the test and benchmark weights boxes agree with torchvision to 1-2 ulp, scores to 5e-7);
 * the mask predictor computes the 28x28 logits of the detected class only, not of all classes;
-* RoIAlign spreads the RoIs over the intra-op threads (torchvision's CPU kernel uses one);
+* RoIAlign spreads the RoIs over the intra-op threads (torchvision's CPU kernel uses one;
+  :class:`~omniseg.models.layers.roi_align.ParallelMultiScaleRoIAlign`);
 * masks are resized straight into their box regions of one zeroed output
   (:func:`~omniseg.models.layers.detection.paste_masks`), or encoded to RLE box by box.
 
-``fast_inference=False`` computes exactly as torchvision does (bit for bit, tested).
+A model as built (or loaded) computes exactly as torchvision does (bit for bit, tested). The
+config keys ``fast_inference`` / ``winograd`` only set the defaults of ``optimize_for_inference``
+(``model.inference_defaults``): ``fast_inference=False`` keeps the exact path,
+``winograd=False`` runs every convolution directly (only the summation order differs).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -42,18 +44,15 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops import roi_align as tv_roi_align
-from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
+from omniseg.inference import validate_task
 from omniseg.models import register_model
 from omniseg.models.backbones import Backbone, build_backbone
 from omniseg.models.layers.detection import (
     ImageList,
     as_category_table,
-    builder_config,
-    detections_to_segments,
-    model_options,
+    detection_segments,
+    encode_detection_targets,
     paste_masks,
     postprocess_boxes,
     preprocess,
@@ -64,10 +63,11 @@ from omniseg.models.layers.fast_inference import (
     InferenceCopy,
     fast_path_enabled,
     freeze_batchnorms,
-    set_fast_inference,
     to_fast_convs,
 )
 from omniseg.models.layers.fpn import FPN
+from omniseg.models.layers.roi_align import ParallelMultiScaleRoIAlign
+from omniseg.optimize import inference_defaults
 from omniseg.structures import CategoryTable, Segments
 
 __all__ = ["MaskRCNN", "MaskRoIHeads", "mask_rcnn", "targets_from_segments"]
@@ -75,68 +75,13 @@ __all__ = ["MaskRCNN", "MaskRoIHeads", "mask_rcnn", "targets_from_segments"]
 LEVEL_NAMES = ("0", "1", "2", "3", "pool")
 
 
-class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """``MultiScaleRoIAlign`` whose CPU inference splits the RoIs over the intra-op threads.
-
-    torchvision's CPU RoIAlign kernel is single-threaded; it releases the GIL, so running RoI
-    chunks in a thread pool uses the cores PyTorch was given. Same kernel, same outputs.
-    """
-
-    _pool: ThreadPoolExecutor | None = None
-    fast: bool = True
-
-    def forward(
-        self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
-    ) -> Tensor:
-        threads = torch.get_num_threads()
-        features = [v for k, v in x.items() if k in self.featmap_names]
-        if (
-            not self.fast
-            or threads < 2
-            or not fast_path_enabled(features[0])
-            or sum(len(b) for b in boxes) < 64
-        ):
-            return super().forward(x, boxes, image_shapes)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(
-                features, image_shapes, self.canonical_scale, self.canonical_level
-            )
-        rois = _convert_to_roi_format(boxes)
-        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(len(rois), dtype=torch.int64)
-        result = rois.new_zeros((len(rois), features[0].shape[1], *self.output_size))
-        if ParallelMultiScaleRoIAlign._pool is None:
-            ParallelMultiScaleRoIAlign._pool = ThreadPoolExecutor(max_workers=max(threads, 2))
-        jobs = []
-        for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
-            index = torch.where(levels == level)[0]
-            if not len(index):
-                continue
-            for chunk in index.tensor_split(threads):
-                if len(chunk):
-                    jobs.append(
-                        (
-                            chunk,
-                            self._pool.submit(
-                                tv_roi_align,
-                                feature,
-                                rois[chunk],
-                                self.output_size,
-                                scale,
-                                self.sampling_ratio,
-                                False,
-                            ),
-                        )
-                    )
-        for chunk, job in jobs:
-            result[chunk] = job.result()
-        return result
-
-
 class MaskRoIHeads(RoIHeads):
-    """torchvision's ``RoIHeads`` (training unchanged) with a leaner inference for masks:
-    only the detected class's 28x28 logits are computed."""
+    """torchvision's ``RoIHeads`` (training unchanged) with a leaner inference for masks once
+    ``fast`` (set by :func:`omniseg.optimize_for_inference`): only the detected class's 28x28
+    logits are computed."""
 
-    fast: bool = True
+    inference_option = "class_only_masks"  # the optimize_for_inference option that sets ``fast``
+    fast: bool = False
 
     def forward(  # type: ignore[override]
         self,
@@ -209,7 +154,7 @@ class MaskRCNN(nn.Module):
     (:func:`targets_from_segments` builds them). :meth:`detect` returns torchvision-style dicts.
     """
 
-    task = "instance"
+    tasks: tuple[str, ...] = ("instance",)
 
     def __init__(
         self,
@@ -285,45 +230,18 @@ class MaskRCNN(nn.Module):
         self.min_size = min_size
         self.max_size = max_size
         self.mask_threshold = mask_threshold
-        self._inference_backbone = InferenceCopy()
-        self._winograd = winograd
-        self.fast_inference = fast_inference
+        # fast paths are off until omniseg.optimize_for_inference, whose defaults these keys set
+        self.inference_defaults = inference_defaults(fast_inference=fast_inference, winograd=winograd)
+        self.inference_backbone: InferenceCopy | None = None  # set by optimize_for_inference
         self.config: dict[str, Any] = {}
-
-    @property
-    def fast_inference(self) -> bool:
-        """Faster CPU inference (see the module docstring); ``False`` computes exactly as torchvision."""
-        return self._fast_inference
-
-    @fast_inference.setter
-    def fast_inference(self, enabled: bool) -> None:
-        self._fast_inference = bool(enabled)
-        self._configure_fast_paths()
-
-    @property
-    def winograd(self) -> bool:
-        """Winograd for the 3x3 convolutions of the FPN, RPN and mask heads (and of the backbone
-        where its oneDNN-layout copy does not apply): ~2.5x faster, ~1e-5 relative differences in
-        the features. ``False``: every convolution direct, only summation order differs."""
-        return self._winograd
-
-    @winograd.setter
-    def winograd(self, enabled: bool) -> None:
-        self._winograd = bool(enabled)
-        self._configure_fast_paths()
-
-    def _configure_fast_paths(self) -> None:
-        set_fast_inference(self, self._fast_inference, winograd=self._winograd)
-        self._inference_backbone.winograd = self._winograd
-        self._inference_backbone.invalidate()
 
     # -------------------------------------------------------------------------- internals
     def _use_fast_path(self) -> bool:
-        return self._fast_inference and not self.training and not torch.is_grad_enabled()
+        return self.inference_backbone is not None and not self.training and not torch.is_grad_enabled()
 
     def features(self, x: Tensor) -> OrderedDict[str, Tensor]:
         """FPN levels ``"0"``..``"3"`` (P2-P5) and ``"pool"`` (P6) of a padded batch."""
-        backbone = self._inference_backbone.get(self.backbone) if self._use_fast_path() else self.backbone
+        backbone = self.inference_backbone.get(self.backbone) if self._use_fast_path() else self.backbone
         return OrderedDict(zip(LEVEL_NAMES, self.fpn(backbone(x)), strict=True))
 
     def _detections(
@@ -370,17 +288,30 @@ class MaskRCNN(nn.Module):
     # ---------------------------------------------------------------------------- public
     def forward(
         self, images: Tensor | Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
-    ) -> dict[str, Tensor] | list[Segments]:
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Training: losses. Evaluation: raw detections per image (``boxes`` at the image's own
+        size, ``labels``, ``scores``, 28x28 ``mask_probs``) for :meth:`post_process`."""
         if self.training:
             if targets is None:
-                raise ValueError("training needs targets (see targets_from_segments)")
-            return self.losses(images, targets)
+                raise ValueError("training needs targets (see omniseg.data.targets.training_target)")
+            return self.losses(images, encode_detection_targets(targets, self.categories, self.num_classes))
         with torch.no_grad():
-            detections, sizes = self._inference(images)
-            return [
-                detections_to_segments(d, s, categories=self.categories, mask_threshold=self.mask_threshold)
-                for d, s in zip(detections, sizes, strict=True)
-            ]
+            return self._inference(images)[0]
+
+    def post_process(
+        self,
+        outputs: list[dict[str, Tensor]],
+        image_sizes: Sequence[Sequence[int]],
+        *,
+        task: str = "instance",
+        score_thresh: float | None = None,
+    ) -> list[Segments]:
+        """Instance ``Segments`` per image, detections scoring below ``score_thresh`` left out."""
+        validate_task(self, task)
+        return detection_segments(
+            outputs, image_sizes, categories=self.categories, mask_threshold=self.mask_threshold,
+            score_thresh=score_thresh,
+        )  # fmt: skip
 
     def losses(
         self, images: Tensor | Sequence[Tensor], targets: Sequence[dict[str, Tensor]]
@@ -410,39 +341,19 @@ def mask_rcnn(
     categories: CategoryTable | Sequence[Mapping] | None = None,
     backbone: str = "resnet50",
     pretrained_backbone: bool | str = False,
-    min_size: int | Sequence[int] = 800,
-    max_size: int = 1333,
-    fpn_channels: int = 256,
-    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
-    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    rpn_pre_nms_top_n_train: int = 2000,
-    rpn_pre_nms_top_n_test: int = 1000,
-    rpn_post_nms_top_n_train: int = 2000,
-    rpn_post_nms_top_n_test: int = 1000,
-    rpn_nms_thresh: float = 0.7,
-    rpn_score_thresh: float = 0.0,
-    box_score_thresh: float = 0.05,
-    box_nms_thresh: float = 0.5,
-    box_detections_per_img: int = 100,
-    box_batch_size_per_image: int = 512,
-    mask_threshold: float = 0.5,
-    frozen_bn: bool = True,
-    fast_inference: bool = True,
-    winograd: bool = True,
+    **kwargs: Any,
 ) -> MaskRCNN:
-    """Mask R-CNN with an FPN on ``backbone`` (any :func:`build_backbone` name).
+    """Mask R-CNN with an FPN on ``backbone`` (any :func:`build_backbone` name); ``kwargs`` go to
+    :class:`MaskRCNN` (``min_size``, ``rpn_*``, ``box_*``, ``mask_threshold``, ...).
 
     ``num_classes`` counts the background (COCO: 91 as torchvision); with ``categories`` (a
     ``CategoryTable`` or its ``to_dicts()``) it is derived: label ``k`` is the ``k``-th thing
     category and results carry the table. Defaults are torchvision's ``maskrcnn_resnet50_fpn``.
     """
-    arguments = dict(locals())
     table = as_category_table(categories)
-    model = MaskRCNN(
+    return MaskRCNN(
         build_backbone(backbone, pretrained=pretrained_backbone),
         num_classes=resolve_num_classes(num_classes, table),
         categories=table,
-        **model_options(arguments),
+        **kwargs,
     )
-    model.config = builder_config("mask_rcnn", arguments)
-    return model

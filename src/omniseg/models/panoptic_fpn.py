@@ -25,18 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omniseg.inference import validate_task
+from omniseg.losses import semantic_cross_entropy
 from omniseg.models import register_model
 from omniseg.models.backbones import Backbone, build_backbone
 from omniseg.models.layers.detection import (
     as_category_table,
     as_image_list,
-    builder_config,
-    mask_crops,
-    model_options,
+    encode_detection_targets,
     paste_masks,
     targets_from_segments,
 )
 from omniseg.models.layers.fast_inference import to_fast_convs
+from omniseg.models.layers.panoptic_merge import panoptic_merge
 from omniseg.models.mask_rcnn import MaskRCNN
 from omniseg.structures import CategoryTable, Segments
 
@@ -112,77 +113,11 @@ def panoptic_targets_from_segments(
     return target
 
 
-def panoptic_merge(
-    detection: dict[str, Tensor],
-    semantic_prob: Tensor,
-    image_size: tuple[int, int],
-    *,
-    thing_ids: Sequence[int],
-    stuff_ids: Sequence[int],
-    categories: CategoryTable | None = None,
-    overlap_thresh: float = 0.5,
-    stuff_area_thresh: int = 4096,
-    instance_score_thresh: float = 0.5,
-    mask_threshold: float = 0.5,
-) -> Segments:
-    """Detectron2's heuristic merge of one image's instances and semantic probabilities.
-
-    ``detection``: ``boxes`` (at ``image_size``), ``labels`` (1..K), ``scores``, ``mask_probs`` 28x28;
-    ``semantic_prob``: ``(1 + num_stuff, H, W)`` softmax at ``image_size``. Instance masks are
-    pasted box by box; no full-size mask per instance is ever held.
-    """
-    h, w = image_size
-    id_map = np.zeros((h, w), dtype=np.int32)
-    infos: list[dict] = []
-    scores = detection["scores"]
-    order = torch.argsort(scores, descending=True, stable=True)
-    crops = list(
-        mask_crops(detection["mask_probs"][order], detection["boxes"][order], image_size, mask_threshold)
-    )
-    labels = detection["labels"][order].tolist()
-    for rank, (y0, y1, x0, x1, crop) in enumerate(crops):
-        score = float(scores[order[rank]])
-        if score < instance_score_thresh:
-            break
-        area = int(crop.sum())
-        if area == 0:
-            continue
-        region = id_map[y0:y1, x0:x1]
-        taken = crop & (region > 0)
-        if taken.sum() / area > overlap_thresh:
-            continue
-        segment_id = len(infos) + 1
-        region[crop & (region == 0)] = segment_id
-        infos.append(
-            {"id": segment_id, "category_id": int(thing_ids[labels[rank] - 1]), "iscrowd": 0, "score": score}
-        )
-    confidence, semantic = semantic_prob.max(0)
-    semantic, confidence = semantic.cpu().numpy(), confidence.cpu().numpy()
-    free = id_map == 0
-    for cls in np.unique(semantic).tolist():
-        if cls == 0:  # the "things" class: left to the instances
-            continue
-        mask = (semantic == cls) & free
-        area = int(mask.sum())
-        if area < stuff_area_thresh:
-            continue
-        segment_id = len(infos) + 1
-        id_map[mask] = segment_id
-        infos.append(
-            {
-                "id": segment_id,
-                "category_id": int(stuff_ids[cls - 1]),
-                "iscrowd": 0,
-                "score": float(confidence[mask].mean()),
-            }
-        )
-    return Segments.from_panoptic(id_map, infos, categories=categories)
-
-
 class PanopticFPN(MaskRCNN):
-    """Mask R-CNN + semantic FPN branch. ``forward(images)`` -> panoptic ``list[Segments]``."""
+    """Mask R-CNN + semantic FPN branch. One model, three tasks: :meth:`post_process` gives the
+    panoptic merge, the instances alone, or the semantic view of the merge."""
 
-    task = "panoptic"
+    tasks: tuple[str, ...] = ("panoptic", "instance", "semantic")
 
     def __init__(
         self,
@@ -210,7 +145,6 @@ class PanopticFPN(MaskRCNN):
         self.overlap_thresh = overlap_thresh
         self.stuff_area_thresh = stuff_area_thresh
         self.instance_score_thresh = instance_score_thresh
-        self._configure_fast_paths()  # reach the semantic head's convolutions too
 
     def _ids(self) -> tuple[list[int], list[int]]:
         if self.categories is not None:
@@ -240,9 +174,7 @@ class PanopticFPN(MaskRCNN):
         for i, target in enumerate(targets):
             sem = torch.as_tensor(target["semantic"], dtype=torch.int64)
             semantic[i, : sem.shape[0], : sem.shape[1]] = sem
-        loss = F.cross_entropy(logits, semantic, ignore_index=self.ignore_index)
-        if not (semantic != self.ignore_index).any():  # nothing labelled: a zero that keeps the graph
-            loss = logits.sum() * 0.0
+        loss = semantic_cross_entropy(logits, semantic, ignore_index=self.ignore_index)
         return {**losses, "loss_semantic": self.semantic_loss_weight * loss}
 
     def _panoptic_inference(
@@ -261,29 +193,69 @@ class PanopticFPN(MaskRCNN):
 
     def forward(
         self, images: Tensor | Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
-    ) -> dict[str, Tensor] | list[Segments]:
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Training: losses. Evaluation: raw outputs per image -- Mask R-CNN's detections plus
+        ``semantic_probs`` ``(1 + num_stuff, H, W)`` at the image's own size."""
         if self.training:
             if targets is None:
-                raise ValueError("training needs targets (see panoptic_targets_from_segments)")
-            return self.losses(images, targets)
-        thing_ids, stuff_ids = self._ids()
+                raise ValueError("training needs targets (see omniseg.data.targets.training_target)")
+            return self.losses(images, self.encode_targets(targets))
         with torch.no_grad():
-            detections, probs, sizes = self._panoptic_inference(images)
-            return [
-                panoptic_merge(
-                    det,
-                    prob,
-                    size,
-                    thing_ids=thing_ids,
-                    stuff_ids=stuff_ids,
-                    categories=self.categories,
-                    overlap_thresh=self.overlap_thresh,
-                    stuff_area_thresh=self.stuff_area_thresh,
-                    instance_score_thresh=self.instance_score_thresh,
-                    mask_threshold=self.mask_threshold,
-                )
-                for det, prob, size in zip(detections, probs, sizes, strict=True)
-            ]
+            detections, probs, _ = self._panoptic_inference(images)
+        for det, prob in zip(detections, probs, strict=True):
+            det["semantic_probs"] = prob
+        return detections
+
+    def encode_targets(self, targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Mask R-CNN targets of the things plus this model's semantic classes (stuff ``k`` ->
+        ``k + 1``, every thing -> 0) from typed training targets; encoded targets pass through."""
+        encoded = encode_detection_targets(targets, self.categories, self.num_classes)
+        if self.categories is None:
+            return encoded
+        stuff = {cid: k + 1 for k, cid in enumerate(self.categories.stuff_ids)}
+        lut = torch.full((256,), self.ignore_index, dtype=torch.int64)
+        lut[: len(self.categories)] = torch.tensor([stuff.get(cid, 0) for cid in self.categories.ids])
+        for raw, target in zip(targets, encoded, strict=True):
+            if "category_ids" in raw and "labels" not in raw:
+                target["semantic"] = lut[raw["semantic"].long().clamp(0, 255)]
+        return encoded
+
+    def post_process(
+        self,
+        outputs: list[dict[str, Tensor]],
+        image_sizes: Sequence[Sequence[int]],
+        *,
+        task: str = "panoptic",
+        score_thresh: float | None = None,
+    ) -> list[Segments]:
+        """``panoptic``: the merge (its own thresholds apply, ``score_thresh`` does not);
+        ``instance``: the detections; ``semantic``: the category of each pixel of the merge."""
+        validate_task(self, task)
+        if task == "instance":
+            return super().post_process(outputs, image_sizes, task=task, score_thresh=score_thresh)
+        thing_ids, stuff_ids = self._ids()
+        merged = [
+            panoptic_merge(
+                det,
+                det["semantic_probs"],
+                (int(size[0]), int(size[1])),
+                thing_ids=thing_ids,
+                stuff_ids=stuff_ids,
+                categories=self.categories,
+                overlap_thresh=self.overlap_thresh,
+                stuff_area_thresh=self.stuff_area_thresh,
+                instance_score_thresh=self.instance_score_thresh,
+                mask_threshold=self.mask_threshold,
+            )
+            for det, size in zip(outputs, image_sizes, strict=True)
+        ]
+        if task == "panoptic":
+            return merged
+        void = max([*thing_ids, *stuff_ids]) + 1
+        return [
+            Segments.from_semantic(seg.to_semantic(void_value=void), categories=self.categories, ignore_index=void)
+            for seg in merged
+        ]
 
     @torch.no_grad()
     def detect(self, images: Tensor | Sequence[Tensor]) -> list[dict[str, Tensor]]:
@@ -308,35 +280,11 @@ def panoptic_fpn(
     num_stuff_classes: int | None = None,
     backbone: str = "resnet50",
     pretrained_backbone: bool | str = False,
-    min_size: int | Sequence[int] = 800,
-    max_size: int = 1333,
-    fpn_channels: int = 256,
-    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
-    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    semantic_channels: int = 128,
-    semantic_loss_weight: float = 0.5,
-    ignore_index: int = 255,
-    overlap_thresh: float = 0.5,
-    stuff_area_thresh: int = 4096,
-    instance_score_thresh: float = 0.5,
-    rpn_pre_nms_top_n_train: int = 2000,
-    rpn_pre_nms_top_n_test: int = 1000,
-    rpn_post_nms_top_n_train: int = 2000,
-    rpn_post_nms_top_n_test: int = 1000,
-    rpn_nms_thresh: float = 0.7,
-    box_score_thresh: float = 0.05,
-    box_nms_thresh: float = 0.5,
-    box_detections_per_img: int = 100,
-    box_batch_size_per_image: int = 512,
-    mask_threshold: float = 0.5,
-    frozen_bn: bool = True,
-    fast_inference: bool = True,
-    winograd: bool = True,
+    **kwargs: Any,
 ) -> PanopticFPN:
     """Panoptic FPN on ``backbone``. With ``categories`` (thing/stuff flags set) the class counts
     follow from it and results carry COCO-style category ids; otherwise give ``num_classes``
-    (things + background) and ``num_stuff_classes``."""
-    arguments = dict(locals())
+    (things + background) and ``num_stuff_classes``. ``kwargs`` go to :class:`PanopticFPN` and on to :class:`MaskRCNN`."""
     table = as_category_table(categories)
     if table is not None:
         if not table.thing_ids or not table.stuff_ids:
@@ -350,12 +298,10 @@ def panoptic_fpn(
         num_classes, num_stuff_classes = things, stuff
     if num_classes is None or num_stuff_classes is None:
         raise ValueError("give categories, or num_classes (things + background) and num_stuff_classes")
-    model = PanopticFPN(
+    return PanopticFPN(
         build_backbone(backbone, pretrained=pretrained_backbone),
         num_classes=num_classes,
         num_stuff_classes=num_stuff_classes,
         categories=table,
-        **model_options(arguments),
+        **kwargs,
     )
-    model.config = builder_config("panoptic_fpn", arguments)
-    return model

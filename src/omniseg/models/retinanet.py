@@ -32,16 +32,16 @@ from torchvision.ops import (
     box_iou,
     clip_boxes_to_image,
     generalized_box_iou_loss,
-    sigmoid_focal_loss,
 )
 
+from omniseg.inference import validate_task
+from omniseg.losses import sigmoid_focal_loss
 from omniseg.models import register_model
 from omniseg.models.backbones import Backbone, build_backbone
 from omniseg.models.layers.detection import (
     as_category_table,
-    builder_config,
-    detections_to_segments,
-    model_options,
+    detection_segments,
+    encode_detection_targets,
     postprocess_boxes,
     preprocess,
     resolve_num_classes,
@@ -49,10 +49,10 @@ from omniseg.models.layers.detection import (
 from omniseg.models.layers.fast_inference import (
     InferenceCopy,
     freeze_batchnorms,
-    set_fast_inference,
     to_fast_convs,
 )
 from omniseg.models.layers.fpn import FPN
+from omniseg.optimize import inference_defaults
 from omniseg.structures import CategoryTable, Segments
 
 __all__ = ["BOX_LOSSES", "RetinaNet", "retinanet"]
@@ -74,7 +74,7 @@ class RetinaNet(nn.Module):
     """RetinaNet. ``forward(images, targets)`` -> losses; ``forward(images)`` -> ``list[Segments]``
     (each detection a box-shaped segment); :meth:`detect` -> torchvision-style dicts."""
 
-    task = "detection"
+    tasks: tuple[str, ...] = ("detection",)
 
     def __init__(
         self,
@@ -133,39 +133,17 @@ class RetinaNet(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.topk_candidates = topk_candidates
-        self._inference_backbone = InferenceCopy(winograd=winograd)
-        self._winograd = winograd
-        self.fast_inference = fast_inference
+        # CPU fast paths (a batch-norm-folded oneDNN-layout backbone copy, GEMM 1x1 / Winograd 3x3
+        # neck and head convolutions) are off until omniseg.optimize_for_inference, whose defaults
+        # these keys set; as built the model computes exactly torchvision's arithmetic
+        self.inference_defaults = inference_defaults(fast_inference=fast_inference, winograd=winograd)
+        self.inference_backbone: InferenceCopy | None = None  # set by optimize_for_inference
         self.config: dict[str, Any] = {}
-
-    @property
-    def fast_inference(self) -> bool:
-        """CPU inference through a batch-norm-folded oneDNN-layout backbone and GEMM (1x1) / Winograd
-        (3x3, with ``winograd``) head convolutions; ``False``: exactly torchvision's arithmetic. See
-        :mod:`omniseg.models.layers.fast_inference`."""
-        return self._fast_inference
-
-    @fast_inference.setter
-    def fast_inference(self, enabled: bool) -> None:
-        self._fast_inference = bool(enabled)
-        set_fast_inference(self, self._fast_inference, winograd=self._winograd)
-
-    @property
-    def winograd(self) -> bool:
-        """Winograd 3x3 convolutions too: ~1e-5 relative differences in the features, faster heads."""
-        return self._winograd
-
-    @winograd.setter
-    def winograd(self, enabled: bool) -> None:
-        self._winograd = bool(enabled)
-        self._inference_backbone.winograd = self._winograd
-        self._inference_backbone.invalidate()
-        set_fast_inference(self, self._fast_inference, winograd=self._winograd)
 
     # -------------------------------------------------------------------------- internals
     def _head_outputs(self, x: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
-        fast = self._fast_inference and not self.training and not torch.is_grad_enabled()
-        backbone = self._inference_backbone.get(self.backbone) if fast else self.backbone
+        fast = self.inference_backbone is not None and not self.training and not torch.is_grad_enabled()
+        backbone = self.inference_backbone.get(self.backbone) if fast else self.backbone
         features = self.fpn(backbone(x)[1:])
         return features, self.head(features)
 
@@ -192,9 +170,8 @@ class RetinaNet(nn.Module):
                     gt_classes[valid],
                     alpha=self.focal_alpha,
                     gamma=self.focal_gamma,
-                    reduction="sum",
+                    normalizer=num_foreground,
                 )
-                / num_foreground
             )
             gt_boxes = target["boxes"][matched[foreground]]
             pred, anchors_fg = deltas[foreground], anchors_i[foreground]
@@ -255,18 +232,27 @@ class RetinaNet(nn.Module):
     # ---------------------------------------------------------------------------- public
     def forward(
         self, images: Tensor | Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
-    ) -> dict[str, Tensor] | list[Segments]:
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Training: losses. Evaluation: raw detections per image (``boxes`` at the image's own
+        size, ``labels``, ``scores``) for :meth:`post_process`."""
         if self.training:
             if targets is None:
-                raise ValueError(
-                    "training needs targets (see omniseg.models.layers.detection.targets_from_segments)"
-                )
-            return self.losses(images, targets)
-        detections, sizes = self._detect(images)
-        return [
-            detections_to_segments(d, s, categories=self.categories)
-            for d, s in zip(detections, sizes, strict=True)
-        ]
+                raise ValueError("training needs targets (see omniseg.data.targets.training_target)")
+            return self.losses(images, encode_detection_targets(targets, self.categories, self.num_classes))
+        return self._detect(images)[0]
+
+    def post_process(
+        self,
+        outputs: list[dict[str, Tensor]],
+        image_sizes: Sequence[Sequence[int]],
+        *,
+        task: str = "detection",
+        score_thresh: float | None = None,
+    ) -> list[Segments]:
+        """Box-shaped ``Segments`` per image (each detection its filled box), detections scoring
+        below ``score_thresh`` left out."""
+        validate_task(self, task)
+        return detection_segments(outputs, image_sizes, categories=self.categories, score_thresh=score_thresh)
 
     def losses(
         self, images: Tensor | Sequence[Tensor], targets: Sequence[dict[str, Tensor]]
@@ -314,26 +300,7 @@ def retinanet(
     categories: CategoryTable | Sequence[Mapping] | None = None,
     backbone: str = "resnet50",
     pretrained_backbone: bool | str = False,
-    min_size: int | Sequence[int] = 800,
-    max_size: int = 1333,
-    fpn_channels: int = 256,
-    p6p7_from: str = "p5",
-    head_norm: str | None = None,
-    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
-    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    scales_per_octave: int = 3,
-    fg_iou_thresh: float = 0.5,
-    bg_iou_thresh: float = 0.4,
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
-    box_loss: str = "l1",
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 300,
-    topk_candidates: int = 1000,
-    frozen_bn: bool = True,
-    fast_inference: bool = True,
-    winograd: bool = True,
+    **kwargs: Any,
 ) -> RetinaNet:
     """RetinaNet with an FPN (P3-P7) on ``backbone`` (any :func:`build_backbone` name).
 
@@ -341,13 +308,10 @@ def retinanet(
     loss); the v2 recipe is ``p6p7_from="c5", head_norm="gn", box_loss="giou"``. ``num_classes``
     counts the background as in torchvision (91 for COCO); with ``categories`` it is derived.
     """
-    arguments = dict(locals())
     table = as_category_table(categories)
-    model = RetinaNet(
+    return RetinaNet(
         build_backbone(backbone, pretrained=pretrained_backbone),
         num_classes=resolve_num_classes(num_classes, table),
         categories=table,
-        **model_options(arguments),
+        **kwargs,
     )
-    model.config = builder_config("retinanet", arguments)
-    return model

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -33,14 +32,14 @@ __all__ = [
     "ImageList",
     "as_category_table",
     "as_image_list",
-    "builder_config",
     "mask_crops",
     "resolve_num_classes",
     "clean_targets",
+    "detection_segments",
     "detections_to_segments",
+    "encode_detection_targets",
     "label_category_ids",
     "mask_rles",
-    "model_options",
     "paste_masks",
     "preprocess",
     "postprocess_boxes",
@@ -73,26 +72,6 @@ def resolve_num_classes(num_classes: int | None, categories: CategoryTable | Non
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
     return num_classes
-
-
-def builder_config(name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON-serialisable model config from a builder's arguments (a category table as dicts)."""
-    config: dict[str, Any] = {"name": name}
-    for key, value in arguments.items():
-        if isinstance(value, CategoryTable):
-            value = value.to_dicts()
-        elif isinstance(value, tuple):
-            value = list(value)
-        config[key] = value
-    return config
-
-
-BUILDER_ONLY = ("num_classes", "categories", "backbone", "pretrained_backbone", "num_stuff_classes")
-
-
-def model_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """A builder's arguments minus those it resolves itself (:data:`BUILDER_ONLY`): the model's options."""
-    return {k: v for k, v in arguments.items() if k not in BUILDER_ONLY}
 
 
 def label_category_ids(categories: CategoryTable) -> list[int]:
@@ -138,6 +117,58 @@ def targets_from_segments(segments: Segments, categories: CategoryTable | None =
         "labels": torch.from_numpy(labels),
         "masks": torch.from_numpy(sub.masks()) if len(sub) else torch.zeros((0, h, w), dtype=torch.bool),
     }
+
+
+def encode_detection_targets(
+    targets: Sequence[Mapping[str, Tensor]], categories: CategoryTable | None, num_classes: int
+) -> list[Target]:
+    """torchvision-style detection targets from omniseg's typed training targets
+    (:func:`omniseg.data.targets.training_target`): the non-crowd things, labelled ``1..K`` in the
+    order of :func:`label_category_ids`; boxes under 1 px wide or high dropped. Targets that
+    already carry ``labels`` (torchvision style) pass through unchanged."""
+    encoded = []
+    for target in targets:
+        if "labels" in target or "category_ids" not in target:
+            encoded.append(dict(target))
+            continue
+        ids = target["category_ids"]
+        if categories is not None:
+            label_of = torch.zeros(max([*categories.ids, int(ids.max()) if len(ids) else 0]) + 1, dtype=torch.int64)
+            label_of[torch.as_tensor(label_category_ids(categories))] = torch.arange(1, num_classes)
+            labels = label_of[ids]
+        else:
+            labels = ids.clone()
+        boxes = target["boxes"].float()
+        keep = (labels > 0) & ~target["iscrowd"]
+        keep &= ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+        entry = {"boxes": boxes[keep], "labels": labels[keep], "masks": target["masks"][keep].bool()}
+        if "semantic" in target:
+            entry["semantic"] = target["semantic"]
+        encoded.append(entry)
+    return encoded
+
+
+def detection_segments(
+    outputs: Sequence[Mapping[str, Tensor]],
+    image_sizes: Sequence[Sequence[int]],
+    *,
+    categories: CategoryTable | None,
+    mask_threshold: float = 0.5,
+    score_thresh: float | None = None,
+) -> list[Segments]:
+    """Instance ``Segments`` per image from raw detections (boxes at the image's own size), the
+    detections scoring below ``score_thresh`` left out before any mask is pasted."""
+    results = []
+    for detection, size in zip(outputs, image_sizes, strict=True):
+        if score_thresh is not None:
+            keep = detection["scores"] >= score_thresh
+            detection = {k: v[keep] if isinstance(v, Tensor) and len(v) == len(keep) else v for k, v in detection.items()}
+        results.append(
+            detections_to_segments(
+                detection, (int(size[0]), int(size[1])), categories=categories, mask_threshold=mask_threshold
+            )
+        )
+    return results
 
 
 def clean_targets(
