@@ -36,17 +36,40 @@ def test_three_views_of_one_panoptic_set(categories):
     assert [s["area"] for s in info] == [24, 4, 6, 1]
 
 
-def test_training_targets_for_each_task(categories):
-    seg, _ = _panoptic(categories)
-    sem = seg.training_targets("semantic")
-    assert sem["category_ids"].tolist() == [1, 2, 3]
-    assert sem["masks"][1].sum() == 10  # both cars merged
-    inst = seg.training_targets("instance")
-    assert inst["category_ids"].tolist() == [2, 2]
-    pan = seg.training_targets("panoptic")
-    assert pan["category_ids"].tolist() == [1, 2, 2]
-    with pytest.raises(ValueError, match="unknown task"):
-        seg.training_targets("depth")
+def test_one_panoptic_annotation_gives_every_tasks_typed_target(categories):
+    import torch
+    from torchvision.transforms import v2
+
+    from omniseg.data.targets import finalize_target, training_target
+    from omniseg.data.transforms import train_transform
+
+    seg, id_map = _panoptic(categories)
+    target = training_target(seg, categories)
+    # semantic map: contiguous class index (road 0, car 1, person 2), void -> ignore
+    expected = np.full(id_map.shape, 255)
+    expected[id_map == 10], expected[(id_map == 20) | (id_map == 21)], expected[id_map == 30] = 0, 1, 2
+    np.testing.assert_array_equal(target["semantic"].numpy(), expected)
+    assert target["category_ids"].tolist() == [1, 2, 2, 3] and target["iscrowd"].tolist() == [False, False, False, True]
+    np.testing.assert_array_equal(target["masks"].numpy().astype(bool), seg.masks())
+    np.testing.assert_array_equal(target["boxes"].numpy(), seg.boxes())
+    assert set(training_target(seg, categories, with_segments=False)) == {"semantic"}
+
+    # a flip and a padded crop move the image, the masks, the boxes and the semantic map together
+    image = torch.from_numpy(id_map.astype(np.uint8))[None].repeat(3, 1, 1)  # pixel value = segment id
+    transform = train_transform(crop_size=(8, 10), hflip=True)
+    transform.transforms[-1] = v2.RandomHorizontalFlip(p=1.0)
+    from torchvision import tv_tensors
+
+    out_image, out = transform(tv_tensors.Image(image), target)
+    out = finalize_target(out)
+    flipped_ids = out_image[0].numpy().astype(int)
+    padded = out["semantic"].numpy() == 255
+    assert padded.sum() == 8 * 10 - id_map.size + (id_map == 0).sum() and (flipped_ids[padded] == 0).all()
+    for mask, box, cat in zip(out["masks"].numpy(), out["boxes"].numpy(), out["category_ids"].tolist(), strict=True):
+        ys, xs = np.nonzero(mask)
+        np.testing.assert_array_equal(box, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])  # tight, exclusive
+        segment_id = int(np.unique(flipped_ids[mask])[0])  # the image pixels under each mask: one segment
+        assert {10: 1, 20: 2, 21: 2, 30: 3}[segment_id] == cat
 
 
 def test_overlapping_masks_roundtrip_through_rle(categories):

@@ -463,29 +463,6 @@ class Segments:
             )
         return id_map, info
 
-    def training_targets(self, task: str, *, ignore_index: int = 255) -> dict:
-        """Targets for ``task`` derived from this one set (OneFormer's point).
-
-        * ``semantic``: one binary mask per category present (stuff and things merged);
-        * ``instance``: one mask per non-crowd thing segment;
-        * ``panoptic``: one mask per non-crowd segment (stuff and things).
-
-        Returns ``{"masks": (K, H, W) bool, "category_ids": (K,), "semantic": (H, W)}``.
-        """
-        semantic = self.to_semantic(void_value=ignore_index)
-        if task == "semantic":
-            ids = np.unique(semantic)
-            ids = ids[ids != ignore_index]
-            masks = semantic[None] == ids[:, None, None]
-            return {"masks": masks, "category_ids": ids.astype(np.int64), "semantic": semantic}
-        if task == "instance":
-            sub = self.things().subset(~self.things().iscrowd)
-        elif task == "panoptic":
-            sub = self.subset(~self.iscrowd)
-        else:
-            raise ValueError(f"unknown task {task!r}; expected semantic, instance or panoptic")
-        return {"masks": sub.masks(), "category_ids": sub.category_ids.copy(), "semantic": semantic}
-
 
 @dataclass
 class Sample:
