@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from omniseg.data.images import DataError
+from omniseg.errors import DataError
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
