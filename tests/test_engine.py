@@ -114,7 +114,7 @@ def test_cli_train_then_evaluate_and_segment(tmp_path, capsys):
     ckpt = str(Path(config["train"]["out_dir"]) / "best")
     spec = config["data"]["val"]
     # evaluate takes FORMAT:ROOT:SPLIT; a label_folder run goes through its checkpoint API instead
-    from omniseg.engine.evaluate import evaluate_checkpoint
+    from omniseg.evaluate import evaluate_checkpoint
 
     result, _ = evaluate_checkpoint(ckpt, spec, progress=False)
     # one inference path: the validation figure that picked `best` is what evaluate reports,

@@ -176,7 +176,7 @@ def test_panoptic_model_trains_on_components_and_scores_pq(tmp_path):
     _, meta = read_checkpoint(out / "best")
     assert {"pq", "pq_things", "pq_stuff"} <= set(meta["val"])
 
-    from omniseg.engine.evaluate import evaluate_checkpoint
+    from omniseg.evaluate import evaluate_checkpoint
 
     result, metric = evaluate_checkpoint(str(out / "best"), spec, progress=False)
     assert metric.monitor == "pq" and set(result["All"]) == {"pq", "sq", "rq", "n"}

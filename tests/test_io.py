@@ -216,10 +216,9 @@ def test_list_images_skips_hidden_and_other_files(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- errors
 def test_one_error_class_each_and_no_torch() -> None:
     from omniseg import checkpoint, data
-    from omniseg.data import images
     from omniseg.metrics import EvaluationError
 
-    assert data.DataError is images.DataError is oio.DataError is DataError
+    assert data.DataError is oio.DataError is DataError
     assert checkpoint.CheckpointError is CheckpointError
     assert issubclass(EvaluationError, DataError)
     code = (

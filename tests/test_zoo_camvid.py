@@ -59,7 +59,7 @@ def test_main_command_writes_the_three_outputs(tmp_path):
 
 
 def test_evaluate_defaults_to_the_recorded_inference_settings(shared_data):
-    from omniseg.engine.evaluate import evaluate_checkpoint
+    from omniseg.evaluate import evaluate_checkpoint
 
     spec = {"format": "camvid", "root": str(shared_data / "camvid"), "split": "val"}
 

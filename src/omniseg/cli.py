@@ -153,7 +153,7 @@ def cmd_evaluate(args) -> int:
     if args.checkpoint:
         if not args.data:
             raise DataError("--checkpoint needs --data FORMAT:ROOT:SPLIT")
-        from omniseg.engine.evaluate import evaluate_checkpoint
+        from omniseg.evaluate import evaluate_checkpoint
 
         spec = parse_data_arg(args.data)
         if args.subset:

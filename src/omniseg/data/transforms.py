@@ -72,7 +72,9 @@ def to_model_input(
 ) -> torch.Tensor:
     """``(H, W, 3) uint8`` array or ``(3, H, W) uint8`` tensor -> normalised ``(3, H, W) float32``."""
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        # torch cannot wrap a read-only array (a cached or memory-mapped image): copy that one
+        array = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
+        image = torch.from_numpy(array).permute(2, 0, 1)
     image = image.float().div_(255.0)
     mean_t = torch.tensor(mean, dtype=image.dtype).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=image.dtype).view(3, 1, 1)

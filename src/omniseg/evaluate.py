@@ -1,4 +1,8 @@
-"""Evaluate a checkpoint on a dataset split (``omniseg evaluate --checkpoint ... --data ...``)."""
+"""Evaluate a checkpoint on a dataset split (``omniseg evaluate --checkpoint ... --data ...``).
+
+It sits beside :mod:`omniseg.predictor`, above the engine: evaluation is the predictor's inference
+scored by the task's metric, and the engine (training) imports neither.
+"""
 
 from __future__ import annotations
 
