@@ -16,6 +16,7 @@ from typing import Any
 
 from omniseg.data.ade20k import ade20k
 from omniseg.data.cityscapes import Cityscapes
+from omniseg.data.cityscapes_polygons import CityscapesPolygons
 from omniseg.data.coco import CocoInstances
 from omniseg.data.coco_panoptic import CocoPanoptic
 from omniseg.data.label_folder import LabelFolderDataset, camvid, camvid_categories, voc_categories
@@ -108,6 +109,13 @@ def _open_cityscapes(spec: dict[str, Any]) -> Cityscapes:
         _path(spec, "root"), spec.get("split", "val"), label_space=spec.get("label_space", "train"),
         images=bool(spec.get("load_images", True)),
     )  # fmt: skip
+
+
+def _open_cityscapes_polygons(spec: dict[str, Any]) -> CityscapesPolygons:
+    size = spec.get("size", (640, 1280))
+    if isinstance(size, str):  # from --data ...:size=512x1024
+        size = tuple(int(v) for v in size.lower().split("x"))
+    return CityscapesPolygons(_path(spec, "root"), spec.get("split", "train"), size=size)
 
 
 def _open_ade20k(spec: dict[str, Any]) -> LabelFolderDataset:
@@ -211,6 +219,14 @@ DATASET_FORMATS: dict[str, DatasetFormat] = {
             _open_cityscapes, ("root",), ("split", "label_space", "load_images"),
             root_layout="ROOT/leftImg8bit/SPLIT + ROOT/gtFine/SPLIT; SPLIT train|val (default val)",
             keys_help="root; split (val); label_space (train | label); load_images (true)",
+        ),
+        DatasetFormat(
+            "cityscapes_polygons", "Cityscapes panoptic from the YOLO polygon export: 19 classes (labelIds), "
+            "8 thing classes, groups as crowd, frames at 1280x640",
+            _open_cityscapes_polygons, ("root",), ("split", "size"),
+            root_layout="ROOT/data.yaml + ROOT/{train,valid,test}/{images,labels}; SPLIT by city: train (15 "
+            "cities) | val (dusseldorf); strasbourg and zurich are reserved and never read",
+            keys_help="root; split (train | val, by city); size (HEIGHTxWIDTH, default 640x1280)",
         ),
         DatasetFormat(
             "ade20k", "ADE20K SceneParsing, 150 classes (0 = other, ignored)",
