@@ -196,7 +196,13 @@ def test_panoptic_model_trains_on_components_and_scores_pq(tmp_path):
     seg_out = tmp_path / "seg"
     args = ["segment", str(Path(spec["images"]) / "000.png"), "--model", str(out / "best"), "--out", str(seg_out)]
     assert main([*args, "--score-thresh", "1.0"]) == 0
-    assert len(json.loads((seg_out / "000.json").read_text())["segments"]) == len(predicted)
+    written = json.loads((seg_out / "000.json").read_text())["segments"]
+    assert len(written) == len(predicted)
+    # the COCO-panoptic PNG: its ids are the JSON's segments, with their areas
+    from omniseg.structures import rgb_to_id
+
+    ids = rgb_to_id(np.asarray(Image.open(seg_out / "000_panoptic.png")))
+    assert {s["id"]: s["area"] for s in written} == {int(i): int((ids == i).sum()) for i in np.unique(ids) if i}
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):

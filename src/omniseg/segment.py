@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from omniseg.io import IMAGE_SUFFIXES, DataError, atomic_write_bytes, list_images, load_image
 from omniseg.predictor import DEFAULT_MODEL, dump_json, load_predictor, segments_json
+from omniseg.structures import id_to_rgb
 from omniseg.visualize import VIEWS
 
 
@@ -43,7 +44,8 @@ def segment_paths(
 
     Instances and detections scoring below ``score_thresh`` are left out (a panoptic merge applies
     its own thresholds); the label PNG holds the category id of each pixel (255 = none), the
-    overlay draws the task's view (a detector's boxes as instances).
+    overlay draws the task's view (a detector's boxes as instances); a panoptic result also gets
+    ``{stem}_panoptic.png``, the COCO-panoptic id PNG whose ids are the JSON's segment ids.
     """
     from omniseg.visualize import overlay
 
@@ -84,8 +86,13 @@ def segment_paths(
         atomic_write_bytes(labels_path, _png_bytes(labels.astype(np.uint8)))
         atomic_write_bytes(overlay_path, _png_bytes(overlay(image, segments, view=view)))
         atomic_write_bytes(json_path, dump_json(segments_json(segments, image_path=str(path), model=predictor.name)).encode())
+        written = [overlay_path, labels_path, json_path]
+        if view == "panoptic":  # the COCO-panoptic PNG (R + 256 G + 256^2 B = the JSON's segment ids)
+            id_map, _ = segments.to_panoptic()
+            written.append(out_dir / f"{path.stem}_panoptic.png")
+            atomic_write_bytes(written[-1], _png_bytes(id_to_rgb(id_map)))
         if len(todo) == 1:
-            print(f"wrote {overlay_path}, {labels_path}, {json_path}")
+            print("wrote " + ", ".join(map(str, written)))
     if failed:
         print(f"{len(failed)} of {len(todo)} image(s) could not be read and were skipped", file=sys.stderr)
         return 1

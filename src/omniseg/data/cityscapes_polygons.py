@@ -179,7 +179,7 @@ class CityscapesPolygons:
         h, w = self.size
         image = load_image(image_path)
         if image.shape[:2] != (h, w):
-            image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+            image = np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
         shapes = parse_label_file(label_path, len(self.names))
         segments = rasterise_frame(shapes, self.names, (h, w), self.categories)
         frame = self.frame_ids[index % len(self)]
