@@ -522,14 +522,15 @@ def test_formats_are_declared_once(capsys: pytest.CaptureFixture[str]) -> None:
     assert list(FORMATS) == list(DATASET_FORMATS)
     assert all(FORMATS[name] == (f.required, f.optional) for name, f in DATASET_FORMATS.items())
     assert ROOT_LAYOUTS == {name: f.root_layout for name, f in DATASET_FORMATS.items() if f.root_layout}
-    assert set(ROOT_LAYOUTS) == {"camvid", "coco", "coco_panoptic", "cityscapes", "ade20k", "yolo"}
+    assert set(ROOT_LAYOUTS) == {"camvid", "coco", "coco_panoptic", "cityscapes", "cityscapes_polygons", "ade20k", "yolo"}
     with pytest.raises(SystemExit):
         main(["show", "--help"])
     cli_help = capsys.readouterr().out
     assert DATASET_CHOICES == formats_help() and DATASET_CHOICES in cli_help
     for name, f in DATASET_FORMATS.items():
         if f.root_layout:
-            assert f"  {name}:ROOT{':SPLIT' if f.split_required else '[:SPLIT]'}  " in DATASET_CHOICES
+            usage = f"  {name}:ROOT{':SPLIT' if f.split_required else '[:SPLIT]'}"
+            assert f"{usage}  " in DATASET_CHOICES or f"{usage}\n" in DATASET_CHOICES  # a long name gets its own line
         else:  # opened from explicit paths only: named at the end
             assert name in DATASET_CHOICES.split("one of", 1)[1].split("e.g.", 1)[1]
     assert max(len(line) for line in DATASET_CHOICES.splitlines()) <= 100
