@@ -14,8 +14,9 @@ a frame, stuff and things, in the original draw order. Reading it as Cityscapes'
   640x640, so the image is resized back to the natural 2:1 (at half resolution) and the
   polygons, which have no resolution, are rasterised at that size;
 * splits are by city (the export's own train / valid / test folders are a random split and
-  ignored): ``train`` = 15 cities, ``val`` = dusseldorf. strasbourg and zurich are reserved for
-  outside evaluation: no split offers them and their files are never opened.
+  ignored): ``train`` = 15 cities, ``val`` = dusseldorf. The export's two other cities are reserved
+  for outside evaluation: the splits are an allow-list, so no split offers them and their files
+  are never opened.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from omniseg.structures import Category, CategoryTable, Sample, Segments
 
 __all__ = [
     "CITY_SPLITS",
-    "RESERVED_CITIES",
     "CityscapesPolygons",
     "cityscapes_panoptic_categories",
     "rasterise_frame",
@@ -49,8 +49,6 @@ CITY_SPLITS: dict[str, tuple[str, ...]] = {
     ),
     "val": ("dusseldorf",),
 }  # fmt: skip
-RESERVED_CITIES = ("strasbourg", "zurich")
-"""Outside evaluation only: never listed in a split, never read."""
 
 CROWD_OF = {f"{base}group": base for base in ("person", "rider", "car", "truck", "bicycle", "motorcycle")}
 NOT_DRAWN = {"license plate"}
@@ -122,7 +120,7 @@ class CityscapesPolygons:
         if split not in CITY_SPLITS:
             raise DataError(
                 f"{self.root}: unknown split {split!r}; splits are by city: {', '.join(CITY_SPLITS)} "
-                f"({', '.join(RESERVED_CITIES)} are reserved for outside evaluation)"
+                "(the export's other cities are reserved for outside evaluation)"
             )
         self.split = split
         self.size = (int(size[0]), int(size[1]))
@@ -138,7 +136,7 @@ class CityscapesPolygons:
                 match = _FRAME.match(image.name)
                 if match is None:
                     raise DataError(f"{image}: file name does not start with a Cityscapes frame id (city_NNNNNN_NNNNNN)")
-                if match["city"] not in cities:  # other splits, and the reserved cities, are never opened
+                if match["city"] not in cities:  # other splits' cities, reserved ones included, are never opened
                     continue
                 frame = match.group(0).removesuffix("_leftImg8bit")
                 if frame in frames:

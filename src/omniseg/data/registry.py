@@ -225,7 +225,7 @@ DATASET_FORMATS: dict[str, DatasetFormat] = {
             "8 thing classes, groups as crowd, frames at 1280x640",
             _open_cityscapes_polygons, ("root",), ("split", "size"),
             root_layout="ROOT/data.yaml + ROOT/{train,valid,test}/{images,labels}; SPLIT by city: train (15 "
-            "cities) | val (dusseldorf); strasbourg and zurich are reserved and never read",
+            "cities) | val (dusseldorf); the other cities are reserved and never read",
             keys_help="root; split (train | val, by city); size (HEIGHTxWIDTH, default 640x1280)",
         ),
         DatasetFormat(
