@@ -30,7 +30,6 @@ from omniseg.structures import Segments
 
 __all__ = [
     "TestTimeAugmentation",
-    "default_task",
     "merge_dense_views",
     "predict_segments",
     "run_model",
@@ -59,10 +58,6 @@ class TestTimeAugmentation:
 
     def views(self) -> list[tuple[float, bool]]:
         return [(scale, flipped) for scale in self.scales for flipped in ((False, True) if self.flip else (False,))]
-
-
-def default_task(model: nn.Module) -> str:
-    return model.tasks[0]
 
 
 def validate_task(model: nn.Module, task: str | None) -> str:

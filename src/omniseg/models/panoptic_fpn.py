@@ -20,11 +20,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omniseg.data.targets import training_target
 from omniseg.inference import validate_task
 from omniseg.losses import semantic_cross_entropy
 from omniseg.models import register_model
@@ -89,16 +89,13 @@ class SemanticFPNHead(nn.Module):
         return F.interpolate(logits, scale_factor=self.common_stride, mode="bilinear", align_corners=False)
 
 
-def semantic_target(segments: Segments, categories: CategoryTable, ignore_index: int = 255) -> np.ndarray:
-    """``(H, W) int64``: stuff -> 1 + its index among the stuff categories, things -> 0, void -> ignore."""
-    stuff = {cid: i + 1 for i, cid in enumerate(categories.stuff_ids)}
-    label = segments.to_semantic(void_value=-1)
-    lut_size = max([*categories.ids, 0]) + 2
-    lut = np.full(lut_size, ignore_index, dtype=np.int64)
-    for cid in categories.ids:
-        lut[cid] = stuff.get(cid, 0)
-    lut[-1] = ignore_index  # the void value -1 indexes the last entry
-    return lut[label]
+def semantic_classes(categories: CategoryTable, ignore_index: int = 255) -> Tensor:
+    """Lookup from a typed target's class index (the table's order) to this model's semantic class:
+    stuff ``k`` -> ``k + 1`` in the table's stuff order, every thing -> 0, ignore stays ignore."""
+    stuff = {cid: k + 1 for k, cid in enumerate(categories.stuff_ids)}
+    lut = torch.full((256,), ignore_index, dtype=torch.int64)
+    lut[: len(categories)] = torch.tensor([stuff.get(cid, 0) for cid in categories.ids])
+    return lut
 
 
 def panoptic_targets_from_segments(
@@ -109,7 +106,8 @@ def panoptic_targets_from_segments(
     if categories is None or not categories.thing_ids:
         raise ValueError("panoptic targets need a CategoryTable that marks thing and stuff categories")
     target = targets_from_segments(segments, categories)
-    target["semantic"] = torch.from_numpy(semantic_target(segments, categories, ignore_index))
+    semantic = training_target(segments, categories, with_segments=False, ignore_index=ignore_index)["semantic"]
+    target["semantic"] = semantic_classes(categories, ignore_index)[semantic.as_subclass(Tensor)]
     return target
 
 
@@ -212,9 +210,7 @@ class PanopticFPN(MaskRCNN):
         encoded = encode_detection_targets(targets, self.categories, self.num_classes)
         if self.categories is None:
             return encoded
-        stuff = {cid: k + 1 for k, cid in enumerate(self.categories.stuff_ids)}
-        lut = torch.full((256,), self.ignore_index, dtype=torch.int64)
-        lut[: len(self.categories)] = torch.tensor([stuff.get(cid, 0) for cid in self.categories.ids])
+        lut = semantic_classes(self.categories, self.ignore_index)
         for raw, target in zip(targets, encoded, strict=True):
             if "category_ids" in raw and "labels" not in raw:
                 target["semantic"] = lut[raw["semantic"].long().clamp(0, 255)]

@@ -26,6 +26,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import expand_boxes
 from torchvision.models.detection.transform import resize_boxes
 
+from omniseg.data.targets import finalize_target, training_target
 from omniseg.structures import CategoryTable, Segments
 
 __all__ = [
@@ -86,37 +87,20 @@ def label_category_ids(categories: CategoryTable) -> list[int]:
 
 # ------------------------------------------------------------------------------- targets
 def targets_from_segments(segments: Segments, categories: CategoryTable | None = None) -> Target:
-    """Detection targets of one image from its ground-truth segments.
+    """Detection targets of one image from its ground-truth segments, exactly as training builds
+    them (:func:`omniseg.data.targets.training_target`, then :func:`encode_detection_targets`).
 
     ``{"boxes": float32 (N, 4) xyxy, "labels": int64 (N,) in 1..K, "masks": bool (N, H, W)}``.
     Crowd segments and stuff are skipped; segments whose box is under 1 px wide or high (empty,
-    or outside the image) are dropped. With no category table, category ids are the labels.
+    or outside the image) are dropped.
     """
     categories = categories if categories is not None else segments.categories
-    h, w = segments.image_size
-    if categories is not None:
-        lookup = {cid: i + 1 for i, cid in enumerate(label_category_ids(categories))}
-    else:
-        lookup = None
-    keep = ~segments.iscrowd
-    if lookup is not None:
-        keep &= np.array([int(c) in lookup for c in segments.category_ids], dtype=bool)
-    sub = segments.subset(keep)
-    boxes = sub.boxes()
-    size_ok = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
-    sub = sub.subset(size_ok)
-    boxes = boxes[size_ok]
-    if lookup is not None:
-        labels = np.array([lookup[int(c)] for c in sub.category_ids], dtype=np.int64)
-    else:
-        labels = sub.category_ids.astype(np.int64)
-    if len(sub) and (labels < 1).any():
-        raise ValueError("labels must be >= 1 (0 is background); pass the CategoryTable to map category ids")
-    return {
-        "boxes": torch.from_numpy(boxes.astype(np.float32)).reshape(-1, 4),
-        "labels": torch.from_numpy(labels),
-        "masks": torch.from_numpy(sub.masks()) if len(sub) else torch.zeros((0, h, w), dtype=torch.bool),
-    }
+    if categories is None:
+        raise ValueError("targets_from_segments needs a CategoryTable (the segments carry none)")
+    typed = finalize_target(training_target(segments, categories))
+    target = encode_detection_targets([typed], categories, len(label_category_ids(categories)) + 1)[0]
+    target.pop("semantic", None)
+    return target
 
 
 def encode_detection_targets(
