@@ -1,6 +1,6 @@
 """The Lightning module every omniseg method trains through.
 
-It owns optimisation (AdamW, warm-up + poly decay), logging, validation metrics and the RNG
+It owns optimisation (AdamW, warm-up + poly decay over steps or over a training-time budget), logging, validation metrics and the RNG
 state that ``--resume`` needs; the model owns its losses (``model(images, targets)`` returns a
 dict of named losses) and its inference (raw outputs, then ``model.post_process``, see
 :mod:`omniseg.inference`). Validation runs the very inference ``omniseg evaluate`` runs, and
@@ -11,6 +11,7 @@ that metric's ``monitor`` value picks the best checkpoint.
 from __future__ import annotations
 
 import random
+import time
 
 import lightning as L
 import numpy as np
@@ -37,6 +38,7 @@ class SegmentationTask(L.LightningModule):
         total_steps: int = 1,
         poly_power: float = 0.9,
         tta: TestTimeAugmentation | None = None,
+        schedule_seconds: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -49,6 +51,12 @@ class SegmentationTask(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.total_steps = max(total_steps, 1)
         self.poly_power = poly_power
+        # A wall-clock budget: the poly decay runs over training seconds (validation excluded) and
+        # training stops when they are spent, so a run on a busy or slow machine still ends its
+        # schedule, and is validated, inside the budget instead of being cut mid-decay.
+        self.schedule_seconds = float(schedule_seconds) if schedule_seconds else None
+        self.train_seconds = 0.0
+        self._batch_start: float | None = None
         self.metric: TaskMetric = metric_for_task(self.task, categories)
         self.monitor = self.metric.monitor
         self.last_val: dict = {}
@@ -69,6 +77,23 @@ class SegmentationTask(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
         self.log("lr", self.optimizers().param_groups[-1]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._batch_start is not None:
+            self.train_seconds += time.perf_counter() - self._batch_start
+        if self.schedule_seconds is not None:
+            self.log("train/seconds", self.train_seconds, on_step=True, on_epoch=False)
+            if self.train_seconds >= self.schedule_seconds:
+                self.trainer.should_stop = True  # Lightning then validates and ends the epoch
+
+    def schedule_progress(self, step: int) -> float:
+        """Fraction of the decay done after warm-up: by steps, or by training seconds."""
+        if self.schedule_seconds is not None:
+            return min(self.train_seconds / self.schedule_seconds, 1.0)
+        return min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
 
     # ---------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -113,8 +138,7 @@ class SegmentationTask(L.LightningModule):
         def factor(step: int) -> float:
             if step < self.warmup_steps:
                 return (step + 1) / self.warmup_steps
-            progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
-            return (1.0 - progress) ** self.poly_power
+            return (1.0 - self.schedule_progress(step)) ** self.poly_power
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -127,8 +151,10 @@ class SegmentationTask(L.LightningModule):
             "numpy": _numpy_state_to_tensors(np.random.get_state()),
             "python": random.getstate(),
         }
+        checkpoint["omniseg_train_seconds"] = self.train_seconds
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.train_seconds = float(checkpoint.get("omniseg_train_seconds", 0.0))
         rng = checkpoint.get("omniseg_rng")
         if rng:
             torch.set_rng_state(rng["torch"])

@@ -17,7 +17,9 @@ model whose builder takes ``categories`` gets the training set's table unless th
   ``out_dir``, ``seed``, ``devices``, ``num_nodes``, ``strategy``, ``task``, ``val_flip``,
   ``val_scales`` (test-time scales of validation, e.g. ``[1.5]`` for models trained on upscaled
   frames; ``val_scale`` is the one-scale form), ``precision``,
-  ``threads``, ``max_steps``, ``max_time`` (``"DD:HH:MM:SS"`` wall-clock limit).
+  ``threads``, ``max_steps``, ``max_time`` (``"DD:HH:MM:SS"`` wall-clock limit), ``schedule_time``
+  (a training-time budget, validation excluded: the LR decays over it, then training stops and
+  validates — the way to end a schedule inside ``max_time`` on a machine of unknown speed).
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ class CheckpointAndCurves(Callback):
 
 
 def plot_training_curves(metrics_csvs: list[Path], out_png: Path, monitor: str = "miou") -> None:
-    """Train loss and the validation metric per epoch, across every (resumed) run segment."""
+    """Train loss (per logged step, with a running mean) and the validation metric against the
+    optimiser step, across every (resumed) run segment: a budgeted run may see one epoch or less."""
     if not metrics_csvs:
         return
     import matplotlib
@@ -134,19 +137,23 @@ def plot_training_curves(metrics_csvs: list[Path], out_png: Path, monitor: str =
     for metrics_csv in metrics_csvs:
         with open(metrics_csv) as f:
             for row in csv.DictReader(f):
-                if row.get("train/loss_epoch"):
-                    loss_x.append(int(row["epoch"]))
-                    loss_y.append(float(row["train/loss_epoch"]))
+                if row.get("train/loss_step"):
+                    loss_x.append(int(row["step"]))
+                    loss_y.append(float(row["train/loss_step"]))
                 if row.get(f"val/{monitor}"):
-                    val_x.append(int(row["epoch"]))
+                    val_x.append(int(row["step"]))
                     val_y.append(float(row[f"val/{monitor}"]) * 100)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(loss_x, loss_y, color="tab:blue", label="train loss")
-    ax.set_xlabel("epoch")
+    ax.plot(loss_x, loss_y, color="tab:blue", alpha=0.3, linewidth=0.8)
+    if loss_y:
+        window = max(len(loss_y) // 20, 1)
+        smooth = np.convolve(loss_y, np.ones(window) / window, mode="valid")
+        ax.plot(loss_x[window - 1 :], smooth, color="tab:blue", label="train loss")
+    ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     ax2 = ax.twinx()
     label = {"miou": "mIoU", "mask_ap": "mask AP", "box_ap": "box AP", "pq": "PQ"}.get(monitor, monitor)
-    ax2.plot(val_x, val_y, color="tab:red", marker=".", label=f"val {label}")
+    ax2.plot(val_x, val_y, color="tab:red", marker="o", label=f"val {label}")
     ax2.set_ylabel(f"val {label} (%)")
     fig.legend(loc="upper center", ncol=2)
     fig.tight_layout()
@@ -178,6 +185,20 @@ def _loaders(train_set: TrainingSet, data_cfg: dict) -> tuple[DataLoader, DataLo
     if val_set is not None:
         val_loader = DataLoader(val_set, batch_size=int(data_cfg.get("val_batch_size", 4)), num_workers=0, collate_fn=collate)
     return train_loader, val_loader
+
+
+def _seconds(value: str | float | None) -> float | None:
+    """``"DD:HH:MM:SS"`` (Lightning's ``max_time`` form), ``"HH:MM:SS"`` or seconds -> seconds."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    fields = [float(f) for f in str(value).split(":")]
+    if not 1 <= len(fields) <= 4:
+        raise ValueError(f"train.schedule_time {value!r}: expected DD:HH:MM:SS, HH:MM:SS or seconds")
+    fields = [0.0] * (4 - len(fields)) + fields
+    days, hours, minutes, secs = fields
+    return ((days * 24 + hours) * 60 + minutes) * 60 + secs
 
 
 def _validation_tta(train_cfg: dict) -> TestTimeAugmentation:
@@ -229,6 +250,7 @@ def build_training(config: dict) -> tuple[L.Trainer, SegmentationTask, DataLoade
         total_steps=epochs * steps_per_epoch,
         poly_power=float(train_cfg.get("poly_power", 0.9)),
         tta=_validation_tta(train_cfg),
+        schedule_seconds=_seconds(train_cfg.get("schedule_time")),
     )
     # auto-numbered versions: a resumed run appends logs/version_N instead of overwriting history
     loggers: list = [CSVLogger(out_dir, name="logs")]

@@ -162,7 +162,7 @@ class MaskRCNN(nn.Module):
         *,
         num_classes: int,
         categories: CategoryTable | None = None,
-        min_size: int | Sequence[int] = 800,
+        min_size: int | Sequence[int] | None = 800,
         max_size: int = 1333,
         fpn_channels: int = 256,
         anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
@@ -185,7 +185,9 @@ class MaskRCNN(nn.Module):
         box_batch_size_per_image: int = 512,
         box_positive_fraction: float = 0.25,
         mask_threshold: float = 0.5,
+        mask_head_channels: int = 256,
         frozen_bn: bool = True,
+        freeze_stem: bool = False,
         fast_inference: bool = True,
         winograd: bool = True,
     ) -> None:
@@ -193,6 +195,11 @@ class MaskRCNN(nn.Module):
         if len(anchor_sizes) != 5:
             raise ValueError(f"anchor_sizes needs one size per level P2-P6 (5), got {list(anchor_sizes)}")
         self.backbone = freeze_batchnorms(backbone) if frozen_bn else backbone
+        if freeze_stem:
+            # Detectron2's FREEZE_AT=2: the stride-2/4 layers are the costliest to back-propagate
+            # through at detection resolutions and gain least from fine-tuning
+            for module in backbone.stem_modules():
+                module.requires_grad_(False)
         self.fpn = FPN(backbone.channels, fpn_channels, extra="maxpool")
         anchors = AnchorGenerator(
             tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes)
@@ -222,8 +229,9 @@ class MaskRCNN(nn.Module):
             box_nms_thresh,
             box_detections_per_img,
             mask_roi_pool=ParallelMultiScaleRoIAlign(list(LEVEL_NAMES[:4]), 14, 2),
-            mask_head=to_fast_convs(MaskRCNNHeads(fpn_channels, [256, 256, 256, 256], 1)),
-            mask_predictor=MaskRCNNPredictor(256, 256, num_classes),
+            # 4 convs on every positive RoI: at 256 channels they cost more than the whole backbone on a CPU
+            mask_head=to_fast_convs(MaskRCNNHeads(fpn_channels, [mask_head_channels] * 4, 1)),
+            mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes),
         )
         self.num_classes = num_classes
         self.categories = categories

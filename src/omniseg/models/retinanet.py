@@ -82,7 +82,7 @@ class RetinaNet(nn.Module):
         *,
         num_classes: int,
         categories: CategoryTable | None = None,
-        min_size: int | Sequence[int] = 800,
+        min_size: int | Sequence[int] | None = 800,
         max_size: int = 1333,
         fpn_channels: int = 256,
         p6p7_from: str = "p5",

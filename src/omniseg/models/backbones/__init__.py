@@ -56,6 +56,12 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def stem_modules(self) -> list[nn.Module]:
+        """The layers that compute the stride-4 map (what Detectron2's ``FREEZE_AT=2`` freezes)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not say which layers form its stem; train it with freeze_stem: false"
+        )
+
 
 BackboneBuilder = Callable[..., Backbone]
 _BACKBONES: dict[str, BackboneBuilder] = {}

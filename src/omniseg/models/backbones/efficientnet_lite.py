@@ -254,6 +254,9 @@ class EfficientNetLite0(Backbone):
                 features.append(x)
         return features
 
+    def stem_modules(self) -> list[nn.Module]:
+        return [self.stem, *self.blocks[: self.feature_indices[0] + 1]]
+
     def load_reference_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load weights in the layout of ``efficientnet_lite_pytorch.EfficientNet`` (head/fc dropped)."""
         converted = convert_reference_state_dict(state_dict)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models import resnet50, resnet101
 
 from omniseg.models.backbones import (
@@ -55,6 +55,9 @@ class ResNetBackbone(Backbone):
         c16 = self.layer3(c8)
         c32 = self.layer4(c16)
         return [c4, c8, c16, c32]
+
+    def stem_modules(self) -> list[nn.Module]:
+        return [self.conv1, self.bn1, self.layer1]
 
     def load_torchvision_state_dict(self, state_dict: Mapping[str, Tensor], *, strict: bool = True) -> None:
         """Load a torchvision ResNet state dict (``fc.*`` is dropped; ``module.`` prefixes stripped)."""

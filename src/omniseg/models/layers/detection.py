@@ -233,10 +233,13 @@ def as_image_list(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
 
 
 def _resize(
-    image: Tensor, min_size: int, max_size: int, target: Target | None
+    image: Tensor, min_size: int | None, max_size: int, target: Target | None
 ) -> tuple[Tensor, Target | None]:
-    """torchvision's ``_resize_image_and_masks`` (bilinear image, nearest masks), same arithmetic."""
+    """torchvision's ``_resize_image_and_masks`` (bilinear image, nearest masks), same arithmetic.
+    ``min_size=None`` keeps the image's own size (the data pipeline chose the scale)."""
     h, w = image.shape[-2:]
+    if min_size is None:
+        return image, None if target is None else dict(target)
     scale = min(min_size / min(h, w), max_size / max(h, w))
     new_size = (math.floor(h * scale), math.floor(w * scale))
     if new_size != (h, w):
@@ -269,7 +272,7 @@ def preprocess(
     images: Tensor | Sequence[Tensor],
     targets: Sequence[Target] | None,
     *,
-    min_size: int | Sequence[int],
+    min_size: int | Sequence[int] | None,
     max_size: int,
     size_divisible: int = 32,
     training: bool = False,
@@ -279,13 +282,15 @@ def preprocess(
     """Resize and pad a batch; returns ``(ImageList, resized targets, original sizes)``.
 
     In training a ``min_size`` sequence means multi-scale training (one size drawn per image, as
-    torchvision does); in evaluation the last size is used.
+    torchvision does); in evaluation the last size is used. ``min_size=None`` resizes nothing:
+    training crops keep the scale the data pipeline gave them and evaluation runs at the input's
+    own resolution (e.g. Cityscapes frames at 1280x640).
     """
     image_list = as_image_list(images)
     original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in image_list]
     if targets is not None:
         targets = clean_targets(targets, original_sizes, need_masks=need_masks, num_classes=num_classes)
-    sizes = [min_size] if isinstance(min_size, int) else list(min_size)
+    sizes = [min_size] if isinstance(min_size, int) or min_size is None else list(min_size)
     resized, new_targets = [], []
     for i, img in enumerate(image_list):
         if training and len(sizes) > 1:
