@@ -1,4 +1,4 @@
-"""The ``omniseg`` command: train, evaluate, segment, show."""
+"""The ``omniseg`` command: train, evaluate, segment, show, export."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ def _add_evaluate(sub) -> None:
         "--task", choices=["semantic", "instance", "panoptic", "detection"], default=None,
         help="files: which metric; with --checkpoint: which of the model's tasks (default: its first)",
     )  # fmt: skip
+    p.add_argument(
+        "--metric", choices=["semantic", "instance", "panoptic", "detection"], default=None,
+        help="with --checkpoint: score the task's output with this task's metric (cross-task figures)",
+    )  # fmt: skip
     p.add_argument("--gt-json", type=Path)
     p.add_argument("--gt-dir", type=Path)
     p.add_argument("--pred-json", type=Path)
@@ -49,6 +53,26 @@ def _add_evaluate(sub) -> None:
     )  # fmt: skip
     p.add_argument("--crf", action="store_true", help="dense CRF refinement")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--save", type=Path, default=None,
+        help="with --checkpoint: also write the figure (data, task, test-time setting, metrics) as JSON "
+        "for omniseg export --figures",
+    )  # fmt: skip
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="package a checkpoint: float16 safetensors + JSON (the zoo format)",
+        description="Package a checkpoint for shipping. The zoo entries are rebuilt with this command.",
+    )  # fmt: skip
+    p.add_argument("--model", required=True, help="zoo name or checkpoint path (e.g. runs/x/best)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors"])
+    p.add_argument("--out", type=Path, required=True, help="folder to write NAME.safetensors and NAME.json into")
+    p.add_argument("--name", default=None, help="the exported model's name (default: the checkpoint's file stem)")
+    p.add_argument(
+        "--figures", type=Path, nargs="*", default=[],
+        help="figure files written by omniseg evaluate --save, recorded in the JSON",
+    )  # fmt: skip
 
 
 def _add_segment(sub) -> None:
@@ -154,14 +178,29 @@ def cmd_evaluate(args) -> int:
         if not args.data:
             raise DataError("--checkpoint needs --data FORMAT:ROOT:SPLIT")
         from omniseg.evaluate import evaluate_checkpoint
+        from omniseg.predictor import load_predictor
 
         spec = parse_data_arg(args.data)
         if args.subset:
             spec["subset"] = args.subset
+        predictor = load_predictor(args.checkpoint)
         result, metric = evaluate_checkpoint(
-            args.checkpoint, spec, task=args.task, flip=args.flip, scales=args.scales, crf=args.crf
+            predictor, spec, task=args.task, metric=args.metric, flip=args.flip, scales=args.scales, crf=args.crf
         )
         print(json.dumps(result, default=float) if args.json else metric.table(result))
+        if args.save:
+            from omniseg.export import figure_record
+            from omniseg.io import atomic_write_json
+
+            tta = predictor.test_time_augmentation(flip=args.flip, scales=args.scales)
+            task = args.task or predictor.task
+            record = figure_record(
+                checkpoint=args.checkpoint, data=spec, task=task, metric=args.metric or task,
+                flip=tta.flip, scales=tta.scales, metrics=metric.summary(result),
+            )  # fmt: skip
+            if args.crf:
+                record["inference"]["crf"] = True
+            atomic_write_json(args.save, record)
         return 0
     if args.task not in FILE_EVALUATORS:
         raise DataError(f"evaluate needs --task {{{','.join(FILE_EVALUATORS)}}} for files, or --checkpoint with --data")
@@ -191,6 +230,14 @@ def cmd_segment(args) -> int:
     )
 
 
+def cmd_export(args) -> int:
+    from omniseg.export import export_model
+
+    weights, meta = export_model(args.model, args.out, format=args.format, name=args.name, figures=args.figures)
+    print(f"wrote {weights} and {meta}")
+    return 0
+
+
 def cmd_show(args) -> int:
     from omniseg.show import show_sample
 
@@ -207,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_evaluate(sub)
     _add_segment(sub)
     _add_show(sub)
+    _add_export(sub)
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "segment": cmd_segment, "show": cmd_show}
+    handlers = {
+        "train": cmd_train, "evaluate": cmd_evaluate, "segment": cmd_segment, "show": cmd_show, "export": cmd_export,
+    }  # fmt: skip
     try:
         return handlers[args.command](args)
     except (DataError, CheckpointError, FileNotFoundError, FloatingPointError) as exc:
