@@ -94,3 +94,17 @@ def test_export_bad_input_is_a_clear_error(checkpoint_and_data, capsys):
     assert main(["export", "--model", str(tmp / "missing"), "--out", str(tmp / "z")]) == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp / "z").exists() or not list((tmp / "z").iterdir())  # nothing half-written
+
+
+def test_one_pass_scores_every_metric_as_separate_evaluations_do(checkpoint_and_data):
+    from omniseg.cli import parse_data_arg
+    from omniseg.evaluate import evaluate_checkpoint, score_predictions
+
+    ckpt, data, _ = checkpoint_and_data
+    spec = parse_data_arg(data)
+    predictor = load_predictor(ckpt)
+    scored = score_predictions(predictor, spec, task="semantic", metrics=["semantic", "instance", "panoptic"], progress=False)
+    assert scored.images == 2 and scored.seconds_per_image > 0
+    for metric in ("semantic", "panoptic"):
+        alone, _ = evaluate_checkpoint(predictor, spec, metric=metric, progress=False)
+        assert json.dumps(alone, default=float) == json.dumps(scored.results[metric], default=float)

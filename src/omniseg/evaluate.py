@@ -6,7 +6,9 @@ scored by the task's metric, and the engine (training) imports neither.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -38,16 +40,53 @@ def evaluate_checkpoint(
     model's PQ (things only: it predicts no stuff), a semantic model's PQ (one segment per class).
     """
     predictor = checkpoint if isinstance(checkpoint, Predictor) else load_predictor(checkpoint)
+    task = task or predictor.task
+    scored = score_predictions(
+        predictor, data_spec, task=task, metrics=[metric or task], flip=flip, scales=scales, crf=crf,
+        limit=limit, progress=progress,
+    )  # fmt: skip
+    return scored.results[metric or task], scored.scorers[metric or task]
+
+
+@dataclass
+class ScoredPredictions:
+    """One inference pass scored by several metrics: ``results[m]`` is ``scorers[m].compute()``."""
+
+    task: str
+    results: dict[str, dict]
+    scorers: dict[str, TaskMetric]
+    images: int
+    seconds_per_image: float  # prediction alone (inference, TTA, post-processing), not data loading
+
+
+def score_predictions(
+    predictor: Predictor,
+    data_spec: dict,
+    *,
+    task: str,
+    metrics: Sequence[str],
+    flip: bool | None = None,
+    scales: Sequence[float] | None = None,
+    crf: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+) -> ScoredPredictions:
+    """Predict ``task`` once per image of a labelled split and score it with every metric in
+    ``metrics`` (cross-task figures cost no extra inference)."""
     dataset = open_dataset(data_spec)
     if dataset.categories.ids != predictor.categories.ids:
         raise ValueError(
             f"dataset categories {dataset.categories.ids} differ from the model's {predictor.categories.ids}"
         )
-    task = task or predictor.task
-    scorer = metric_for_task(metric or task, predictor.categories)
+    scorers = {name: metric_for_task(name, predictor.categories) for name in metrics}
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    elapsed = 0.0
     for i in tqdm(range(n), desc="evaluate", unit="img", disable=not progress):
         sample = dataset[i]
+        start = time.perf_counter()
         pred = predictor.predict(sample.image, task=task, crf=crf, flip=flip, scales=scales)
-        scorer.update(sample.image_id, sample.segments, pred)
-    return scorer.compute(), scorer
+        elapsed += time.perf_counter() - start
+        for scorer in scorers.values():
+            scorer.update(sample.image_id, sample.segments, pred)
+    results = {name: scorer.compute() for name, scorer in scorers.items()}
+    return ScoredPredictions(task, results, scorers, n, elapsed / max(n, 1))
