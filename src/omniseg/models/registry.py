@@ -36,7 +36,7 @@ _IMPORT_ERRORS: dict[str, str] = {}
 _DISCOVERED = False
 
 # Subpackages that hold building blocks, not methods.
-_NOT_METHODS = {"backbones", "layers", "registry", "optimize", "torchvision_import", "crf"}
+_NOT_METHODS = {"backbones", "layers", "registry", "optimize", "torchvision_import", "hf_import", "crf"}
 
 
 def _jsonable(value: Any) -> Any:
