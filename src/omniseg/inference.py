@@ -18,6 +18,7 @@ all call :func:`predict_segments`, so the figure that picks ``best`` during trai
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,16 +98,27 @@ def merge_dense_views(views: Sequence[tuple[Tensor, float, bool]], size: tuple[i
     return (total / len(views)).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
-def run_model(model: nn.Module, images: Tensor | Sequence[Tensor], tta: TestTimeAugmentation | None = None) -> Any:
+def run_model(
+    model: nn.Module,
+    images: Tensor | Sequence[Tensor],
+    tta: TestTimeAugmentation | None = None,
+    *,
+    task: str | None = None,
+) -> Any:
     """The model's raw outputs for a ``(B, 3, H, W)`` batch (or a list of ``(3, H, W)`` images of
     different sizes, for models that take one), merged over the test-time views.
+
+    A model whose outputs depend on the task (``task_conditioned = True``, e.g. OneFormer's task
+    token) is run as ``model(images, task=task)``; every other model answers all its tasks from
+    one output and is run as ``model(images)``.
 
     A model whose raw outputs are not dense class scores merges its views itself
     (``model.merge_test_time_views(views, size)``, ``views`` = ``[(outputs, scale, flipped)]``);
     without one, test-time augmentation raises a clear error rather than guessing.
     """
+    call = functools.partial(model, task=task) if getattr(model, "task_conditioned", False) else model
     if tta is None or tta.is_identity:
-        return model(images)
+        return call(images)
     if not isinstance(images, Tensor):
         raise ValueError("test-time flip/scales take a (B, 3, H, W) batch of equally sized images")
     size = tuple(images.shape[-2:])
@@ -114,7 +126,7 @@ def run_model(model: nn.Module, images: Tensor | Sequence[Tensor], tta: TestTime
     views = []
     for scale, flipped in tta.views():
         x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
-        views.append((model(x.flip(-1) if flipped else x), scale, flipped))
+        views.append((call(x.flip(-1) if flipped else x), scale, flipped))
     try:
         return merge(views, size)
     except TypeError as exc:
@@ -134,7 +146,7 @@ def predict_segments(
     """``Segments`` per image of a normalised ``(B, 3, H, W)`` batch (or list of images): raw outputs (merged over
     ``tta``), optionally ``refine``-d (e.g. the dense CRF), then ``model.post_process``."""
     task = validate_task(model, task)
-    outputs = run_model(model, images, tta)
+    outputs = run_model(model, images, tta, task=task)
     if refine is not None:
         outputs = refine(outputs)
     sizes = [tuple(image.shape[-2:]) for image in images]

@@ -299,12 +299,14 @@ class MaskedAttentionDecoder(nn.Module):
         dropout: float = 0.0,
         num_levels: int = 3,
         enforce_input_projection: bool = False,
+        learn_query_features: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_levels = num_levels
         self.hidden_dim = hidden_dim
-        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # the queries themselves
+        # the queries themselves; OneFormer derives them from its task token instead (forward's ``queries``)
+        self.query_feat = nn.Embedding(num_queries, hidden_dim) if learn_query_features else None
         self.query_embed = nn.Embedding(num_queries, hidden_dim)  # their position embedding
         self.level_embed = nn.Embedding(num_levels, hidden_dim)
         self.input_projections = nn.ModuleList(
@@ -351,7 +353,10 @@ class MaskedAttentionDecoder(nn.Module):
             mask = mask[:, None].expand(-1, self.num_heads, -1, -1).flatten(0, 1)
         return class_logits, mask_logits, mask
 
-    def forward(self, features: Sequence[Tensor], mask_features: Tensor) -> dict:
+    def forward(
+        self, features: Sequence[Tensor], mask_features: Tensor, queries: Tensor | None = None
+    ) -> dict:
+        """``queries (B, Q, C)``, when given, replace the learnt ``query_feat`` as the initial queries."""
         memories, positions, sizes = [], [], []
         for i, x in enumerate(features[: self.num_levels]):
             sizes.append(tuple(x.shape[-2:]))
@@ -361,7 +366,10 @@ class MaskedAttentionDecoder(nn.Module):
                 self.input_projections[i](x).flatten(2).transpose(1, 2) + self.level_embed.weight[i]
             )
         batch = mask_features.shape[0]
-        queries = self.query_feat.weight[None].expand(batch, -1, -1)
+        if queries is None:
+            if self.query_feat is None:
+                raise ValueError("this decoder learns no query features: pass the initial queries")
+            queries = self.query_feat.weight[None].expand(batch, -1, -1)
         query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
         class_logits, mask_logits, mask = self.predict(queries, mask_features, sizes[0])
         predictions = [{"class_logits": class_logits, "mask_logits": mask_logits}]

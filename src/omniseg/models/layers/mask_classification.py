@@ -129,6 +129,9 @@ def instance_inference(
         if things_only:
             thing = is_thing.to(label.device)[label]
             class_scores, query, label = class_scores[thing], query[thing], label[thing]
+        if len(query) == 0:  # no thing class among the top pairs
+            results.append(Segments.empty((int(size[0]), int(size[1])), categories=categories))
+            continue
         logits = _upsampled(image_mask_logits[query], size)
         masks = logits > 0
         mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
