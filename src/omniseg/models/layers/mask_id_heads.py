@@ -1,0 +1,55 @@
+"""The prediction heads MaX-DeepLab and kMaX-DeepLab share (deeplab2's ``MaXDeepLab`` heads and
+``kMaXPredictor``).
+
+From the memory ``(B, N, D)`` (one vector per mask slot) and a pixel map ``(B, C, H, W)``:
+
+* class logits ``(B, N, K + 1)``: two fully connected layers, the last class "no object";
+* mask embeddings ``f (B, N, E)``: two fully connected layers;
+* pixel embeddings ``g (B, E, H, W)``: a 3x3 and a 1x1 convolution, L2-normalised over channels
+  (deeplab2's ``pixel_space_normalized_feature``, also the input of the instance discrimination loss);
+* mask logits ``(B, N, H, W) = BN(f . g)``: one batch norm (a single channel) on the dot products,
+  which learns their scale; a softmax over the ``N`` slots turns them into mask-ID probabilities.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MaskIDHeads"]
+
+
+def _two_layers(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
+
+
+class MaskIDHeads(nn.Module):
+    """Class, mask-embedding and pixel-embedding heads; ``forward(pixel, memory)`` ->
+    ``{"class_logits", "mask_logits", "pixel_embeddings"}``."""
+
+    def __init__(
+        self, pixel_channels: int, memory_channels: int, num_classes: int, *, embedding_dim: int = 128
+    ) -> None:
+        super().__init__()
+        self.class_head = _two_layers(memory_channels, memory_channels, num_classes + 1)
+        self.mask_head = _two_layers(memory_channels, memory_channels, embedding_dim)
+        self.pixel_head = nn.Sequential(
+            nn.Conv2d(pixel_channels, pixel_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(pixel_channels),
+            nn.ReLU(),
+            nn.Conv2d(pixel_channels, embedding_dim, 1),
+        )
+        self.mask_norm = nn.BatchNorm2d(1)
+
+    def forward(self, pixel: Tensor, memory: Tensor) -> dict[str, Tensor]:
+        embeddings = F.normalize(self.pixel_head(pixel), dim=1)
+        mask_embeddings = self.mask_head(memory)
+        b, n = memory.shape[:2]
+        logits = torch.einsum("bne,behw->bnhw", mask_embeddings, embeddings)
+        logits = self.mask_norm(logits.reshape(b * n, 1, *logits.shape[-2:])).reshape(logits.shape)
+        return {
+            "class_logits": self.class_head(memory),
+            "mask_logits": logits,
+            "pixel_embeddings": embeddings,
+        }
