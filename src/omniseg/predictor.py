@@ -129,14 +129,32 @@ def load_predictor(name_or_path: str | Path = DEFAULT_MODEL, *, device: str = "c
 
 
 def segments_json(segments: Segments, *, image_path: str, model: str) -> dict:
-    """The per-image JSON ``omniseg segment`` writes: one entry per segment, with its RLE."""
-    _, info = segments.to_panoptic()
+    """The per-image JSON ``omniseg segment`` writes: one entry per segment, with its RLE.
+
+    ``area``, ``bbox`` and ``segmentation`` all describe the segment's own mask — for overlapping
+    instances the whole mask, not the part left visible by a panoptic paint-over — and segments
+    with no pixel are left out.
+    """
     names = {c.id: c.name for c in segments.categories} if segments.categories else {}
-    rles = {int(s): r for s, r in zip(segments.segment_ids, segments.rles(), strict=True)}
-    for entry in info:
-        entry["category_name"] = names.get(entry["category_id"], str(entry["category_id"]))
-        rle = rles[entry["id"]]
-        entry["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+    areas, boxes = segments.areas(), segments.boxes()
+    info = []
+    for i, rle in enumerate(segments.rles()):
+        if areas[i] == 0:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        category_id = int(segments.category_ids[i])
+        info.append(
+            {
+                "id": int(segments.segment_ids[i]),
+                "category_id": category_id,
+                "category_name": names.get(category_id, str(category_id)),
+                "iscrowd": int(segments.iscrowd[i]),
+                "area": int(areas[i]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(segments.scores[i]),
+                "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
+            }
+        )
     return {
         "image": image_path,
         "model": model,
