@@ -23,7 +23,7 @@ import torch
 
 from omniseg.evaluate import score_predictions
 from omniseg.export import export_model, figure_record
-from omniseg.io import atomic_write_json
+from omniseg.io import atomic_write_json, load_json
 from omniseg.predictor import load_predictor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,10 @@ def main() -> None:
     print("| model | trained for | mIoU (19) | mask AP (8 things) | PQ | PQ-things | PQ-stuff | ms / frame |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
-    atomic_write_json(Path(args.runs) / "runs" / "cityscapes_baselines.json", result)
+    # merged with earlier runs' figures, so that measuring one model (--only) keeps the others'
+    summary_path = Path(args.runs) / "runs" / "cityscapes_baselines.json"
+    earlier = load_json(summary_path, "baseline figures") if summary_path.is_file() else {}
+    atomic_write_json(summary_path, {**earlier, **result})
     print("\nresult: " + " ".join(f"{k}={v}" for k, v in result.items()))
 
 

@@ -33,12 +33,11 @@ from omniseg.models.layers.kmeans_attention import KMeansCrossAttentionLayer
 from omniseg.models.layers.mask_id_heads import MaskIDHeads
 from omniseg.models.layers.mask_id_inference import (
     mask_id_panoptic_inference,
-    merge_mask_id_views,
     panoptic_to_task,
 )
 from omniseg.models.max_deeplab import (
+    MaskIDModel,
     conv_block,
-    encode_mask_id_targets,
     projection,
     resize_to,
     resolve_classes,
@@ -49,7 +48,7 @@ from omniseg.structures import CategoryTable, Segments
 __all__ = ["KMaXDeepLab", "kmax_deeplab"]
 
 
-class KMaXDeepLab(nn.Module):
+class KMaXDeepLab(MaskIDModel):
     """Backbone + pixel decoder + k-means transformer decoder + mask-ID heads (module docstring).
 
     Defaults follow deeplab2's kMaX-DeepLab where they carry over (128 queries, 256 wide, 8 heads,
@@ -156,26 +155,6 @@ class KMaXDeepLab(nn.Module):
         outputs["semantic_logits"] = self.semantic_head(pixel_space)
         outputs["aux_outputs"] = aux_outputs if self.deep_supervision else []
         return outputs
-
-    def forward(
-        self, images: Tensor | Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
-    ) -> dict[str, Any]:
-        """Training: the weighted losses (``<name>_<i>`` for layer ``i``'s prediction). Evaluation:
-        ``{"class_logits" (B, N, C + 1), "mask_logits" (B, N, H/4, W/4), "semantic_logits"}``."""
-        if not isinstance(images, Tensor):
-            images = torch.stack(list(images))
-        outputs = self.decode(self.backbone(images))
-        if self.training:
-            if targets is None:
-                raise ValueError("training needs targets (see omniseg.data.targets.training_target)")
-            return self.criterion(outputs, encode_mask_id_targets(targets, self.categories))
-        return {k: outputs[k] for k in ("class_logits", "mask_logits", "semantic_logits")}
-
-    def merge_test_time_views(
-        self, views: Sequence[tuple[Mapping[str, Tensor], float, bool]], size: Sequence[int]
-    ) -> dict[str, Tensor]:
-        """Test-time flip / scales: :func:`~omniseg.models.layers.mask_id_inference.merge_mask_id_views`."""
-        return merge_mask_id_views(views, size)
 
     # ------------------------------------------------------------------------- post-process
     def post_process(

@@ -107,7 +107,40 @@ def encode_mask_id_targets(
     return encoded
 
 
-class MaXDeepLab(nn.Module):
+class MaskIDModel(nn.Module):
+    """What MaX-DeepLab and kMaX-DeepLab share around their own ``decode``: the forward contract
+    (losses from ``self.criterion`` in training, raw mask-ID outputs in evaluation) and the
+    slot-wise test-time merge."""
+
+    categories: CategoryTable | None
+    criterion: MaXDeepLabLoss
+
+    def decode(self, features: Sequence[Tensor]) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward(
+        self, images: Tensor | Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
+    ) -> dict[str, Any]:
+        """Training: the weighted losses (kMaX: also ``<name>_<i>`` for layer ``i``'s prediction).
+        Evaluation: ``{"class_logits" (B, N, C + 1), "mask_logits" (B, N, H/4, W/4),
+        "semantic_logits" (B, C, H/4, W/4)}``."""
+        if not isinstance(images, Tensor):
+            images = torch.stack(list(images))
+        outputs = self.decode(self.backbone(images))
+        if self.training:
+            if targets is None:
+                raise ValueError("training needs targets (see omniseg.data.targets.training_target)")
+            return self.criterion(outputs, encode_mask_id_targets(targets, self.categories))
+        return {k: outputs[k] for k in ("class_logits", "mask_logits", "semantic_logits")}
+
+    def merge_test_time_views(
+        self, views: Sequence[tuple[Mapping[str, Tensor], float, bool]], size: Sequence[int]
+    ) -> dict[str, Tensor]:
+        """Test-time flip / scales: :func:`~omniseg.models.layers.mask_id_inference.merge_mask_id_views`."""
+        return merge_mask_id_views(views, size)
+
+
+class MaXDeepLab(MaskIDModel):
     """Backbone + dual-path decoder + mask-ID heads (see the module docstring).
 
     ``num_classes`` counts the categories (no background: "no object" is the extra last class).
@@ -248,26 +281,6 @@ class MaXDeepLab(nn.Module):
         outputs = self.heads(x, memory)
         outputs["semantic_logits"] = self.semantic_head(x)
         return outputs
-
-    def forward(
-        self, images: Tensor | Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
-    ) -> dict[str, Any]:
-        """Training: the weighted losses. Evaluation: ``{"class_logits" (B, N, C + 1), "mask_logits"
-        (B, N, H/4, W/4), "semantic_logits" (B, C, H/4, W/4)}``."""
-        if not isinstance(images, Tensor):
-            images = torch.stack(list(images))
-        outputs = self.decode(self.backbone(images))
-        if self.training:
-            if targets is None:
-                raise ValueError("training needs targets (see omniseg.data.targets.training_target)")
-            return self.criterion(outputs, encode_mask_id_targets(targets, self.categories))
-        return {k: outputs[k] for k in ("class_logits", "mask_logits", "semantic_logits")}
-
-    def merge_test_time_views(
-        self, views: Sequence[tuple[Mapping[str, Tensor], float, bool]], size: Sequence[int]
-    ) -> dict[str, Tensor]:
-        """Test-time flip / scales: :func:`~omniseg.models.layers.mask_id_inference.merge_mask_id_views`."""
-        return merge_mask_id_views(views, size)
 
     # ------------------------------------------------------------------------- post-process
     def post_process(
