@@ -290,6 +290,7 @@ class CenterMask(nn.Module):
         detections_per_img: int = 100,
         mask_threshold: float = 0.4,
         frozen_bn: bool = True,
+        freeze_stem: bool = False,
         fast_inference: bool = True,
         winograd: bool = True,
     ) -> None:
@@ -297,6 +298,9 @@ class CenterMask(nn.Module):
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         self.backbone = freeze_batchnorms(backbone) if frozen_bn else backbone
+        if freeze_stem:  # as Mask R-CNN's option: the stride-2/4 layers stay at their ImageNet weights
+            for module in backbone.stem_modules():
+                module.requires_grad_(False)
         self.neck = TopDownFusion(backbone.channels, neck_channels)
         k = num_classes - 1  # heatmap channels: torchvision's label 0 (background) has none
         # -2.19: CenterNet's prior of 0.1 per cell, so the focal loss starts near its optimum
