@@ -145,6 +145,24 @@ def test_instance_ap_equals_cocoeval() -> None:
     assert "| segm " in format_table(ours, "instance")
 
 
+def test_ap_over_a_category_subset_equals_cocoeval_with_those_cat_ids() -> None:
+    """``compute(category_ids)`` (Mask^X R-CNN's A / B split) is COCOeval with ``params.catIds``."""
+    gt = _gt_json()
+    results = _perturbed_detections(_quiet_coco(gt), seed=2)
+    present = sorted({a["category_id"] for a in gt["annotations"]})
+    subset = present[: max(1, len(present) // 2)]
+    ours = _accumulate(gt, results).compute(category_ids=subset)["segm"]
+    coco = _quiet_coco(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes(copy.deepcopy(results)), "segm")
+        evaluator.params.catIds = subset
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert [ours[n] for n in ("AP", "AP50", "AP75")] == pytest.approx(list(evaluator.stats[:3]), abs=1e-12)
+    assert ours["AP"] != _accumulate(gt, results).compute()["segm"]["AP"]
+
+
 def test_merge_of_halves_equals_whole() -> None:
     gt = _gt_json()
     results = _perturbed_detections(_quiet_coco(gt), seed=1)

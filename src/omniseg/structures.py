@@ -473,6 +473,9 @@ class Sample:
     image_id: int | str = 0
     file_name: str = ""
     ignore_mask: np.ndarray | None = None  # (H, W) bool, pixels to leave out of losses and metrics
+    # (N,) bool per segment: labelled by a box only (its mask is the filled box), so mask losses
+    # leave it out (Mask^X R-CNN); None = every segment has a real mask
+    box_only: np.ndarray | None = None
 
     @property
     def categories(self) -> CategoryTable | None:

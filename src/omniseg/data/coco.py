@@ -2,7 +2,9 @@
 
 The reader turns every annotation (polygons, uncompressed RLE or compressed RLE) into
 COCO compressed RLE with pycocotools, so overlapping instance masks cost a few hundred bytes
-each instead of a dense ``(N, H, W)`` stack. ``iscrowd`` is kept on each segment.
+each instead of a dense ``(N, H, W)`` stack. ``iscrowd`` is kept on each segment. An annotation
+with a ``bbox`` and no ``segmentation`` (a detection label) becomes the filled box, marked
+box-only in :attr:`Sample.box_only` so that mask losses leave it out (Mask^X R-CNN).
 
 The writer produces the *results* format that ``pycocotools.cocoeval.COCOeval`` reads:
 one dict per predicted mask with ``image_id``, ``category_id``, ``segmentation`` (compressed
@@ -109,8 +111,16 @@ class CocoInstances:
         known = set(self.categories.ids)
         for ann in data["annotations"]:
             where = f"{path}: annotation {ann.get('id', '?') if isinstance(ann, dict) else '?'}"
-            if not isinstance(ann, dict) or not {"image_id", "category_id", "segmentation"} <= ann.keys():
-                raise DataError(f"{where}: needs image_id, category_id and segmentation")
+            if (
+                not isinstance(ann, dict)
+                or not {"image_id", "category_id"} <= ann.keys()
+                or not {"segmentation", "bbox"} & ann.keys()
+            ):
+                raise DataError(f"{where}: needs image_id, category_id and a segmentation (or a bbox)")
+            if "segmentation" not in ann:
+                box = ann["bbox"]
+                if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
+                    raise DataError(f"{where}: bbox must be [x, y, width, height], got {str(box)[:80]}")
             if ann["category_id"] not in known:
                 raise DataError(
                     f"{where}: unknown category id {ann['category_id']}; known ids {sorted(known)}"
@@ -134,6 +144,8 @@ class CocoInstances:
             segmentation_to_rle(
                 a["segmentation"], h, w, where=f"{self.annotation_file}: annotation {a.get('id', '?')}"
             )
+            if "segmentation" in a
+            else mask_utils.frPyObjects(np.asarray([a["bbox"]], dtype=np.float64), h, w)[0]
             for a in anns
         ]
         return Segments(
@@ -160,7 +172,11 @@ class CocoInstances:
                     f"{image_path}: image size {image.shape[1]}x{image.shape[0]} does not match "
                     f"{w}x{h} given in {self.annotation_file}"
                 )
-        return Sample(image, self.load_segments(index), image_id=info["id"], file_name=str(info["file_name"]))
+        box_only = np.array(["segmentation" not in a for a in self._annotations[index]], dtype=bool)
+        return Sample(
+            image, self.load_segments(index), image_id=info["id"], file_name=str(info["file_name"]),
+            box_only=box_only if box_only.any() else None,
+        )  # fmt: skip
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):

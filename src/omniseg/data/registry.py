@@ -8,11 +8,14 @@ command line's dataset arguments (:func:`formats_help`) are derived from these d
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from omniseg.data.ade20k import ade20k
 from omniseg.data.cityscapes import Cityscapes
@@ -315,6 +318,44 @@ class DatasetSlice:
             yield self[i]
 
 
+class MaskClassesView:
+    """A dataset whose thing segments keep their masks only for ``classes`` (category names or ids):
+    the others become box-only (:attr:`Sample.box_only`), as in Mask^X R-CNN's partially
+    supervised training, where box labels are plentiful and mask labels rare."""
+
+    def __init__(self, dataset: Any, classes: Sequence[str | int]) -> None:
+        if isinstance(classes, str | int) or not len(classes):
+            raise DataError(f"mask_classes {classes!r}: expected a non-empty list of category names or ids")
+        table = dataset.categories
+        by_name = {c.name: c.id for c in table}
+        ids = []
+        for c in classes:
+            cid = by_name.get(c) if isinstance(c, str) else c
+            if cid is None or cid not in table.ids:
+                raise DataError(
+                    f"mask_classes: unknown category {c!r}; known: {', '.join(c.name for c in table)}"
+                )
+            ids.append(int(cid))
+        self.dataset = dataset
+        self.categories = table
+        self.ignore_index = getattr(dataset, "ignore_index", None)
+        self.mask_category_ids = np.asarray(sorted(set(ids)), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample = self.dataset[index]
+        box_only = ~np.isin(sample.segments.category_ids, self.mask_category_ids)
+        if sample.box_only is not None:
+            box_only |= sample.box_only
+        return dataclasses.replace(sample, box_only=box_only)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
 def open_dataset(spec: dict[str, Any]) -> Any:
     """A dataset from a spec such as ``{"format": "coco", "annotations": "a.json", "images": "img/"}``.
 
@@ -323,7 +364,9 @@ def open_dataset(spec: dict[str, Any]) -> Any:
     reader takes explicit paths but that have a root layout also take ``root`` [+ ``split``]
     instead (the CLI's ``FORMAT:ROOT[:SPLIT]``, resolved as :data:`ROOT_LAYOUTS` says). Every
     format takes ``subset``: ``"START:STOP"`` (a slice of the dataset's own order, which is
-    sorted by file name) -- e.g. ``"0:100"`` and ``"100:"`` split one folder into train and val.
+    sorted by file name) -- e.g. ``"0:100"`` and ``"100:"`` split one folder into train and val --
+    and ``mask_classes``: a list of category names or ids whose segments keep their masks, every
+    other segment becoming box-only (:class:`MaskClassesView`; Mask^X R-CNN's partial supervision).
     """
     if not isinstance(spec, dict) or "format" not in spec:
         raise DataError(
@@ -335,6 +378,10 @@ def open_dataset(spec: dict[str, Any]) -> Any:
     fmt = DATASET_FORMATS[name]
     if "subset" in spec:
         return DatasetSlice(open_dataset({k: v for k, v in spec.items() if k != "subset"}), spec["subset"])
+    if "mask_classes" in spec:
+        return MaskClassesView(
+            open_dataset({k: v for k, v in spec.items() if k != "mask_classes"}), spec["mask_classes"]
+        )
     if fmt.resolve_root is not None and "root" in spec:
         root = Path(spec["root"]).expanduser()
         split = spec.get("split")

@@ -8,7 +8,8 @@ every task's targets alike:
   (class ``k`` = the dataset's ``k``-th category), ``ignore_index`` where unlabelled;
 * ``"masks"``: ``tv_tensors.Mask (K, H, W) uint8``, one per segment (things and stuff, crowd
   included and flagged); ``"boxes"``: ``tv_tensors.BoundingBoxes (K, 4)`` XYXY;
-  ``"category_ids"`` ``(K,) int64``, ``"iscrowd"`` ``(K,) bool``.
+  ``"category_ids"`` ``(K,) int64``, ``"iscrowd"`` ``(K,) bool``; ``"has_mask"`` ``(K,) bool``
+  where some segments are labelled by a box only (their mask is the filled box).
 
 A panoptic annotation thus gives the semantic, instance and panoptic targets at once (OneFormer's
 point). What one method makes of them -- labels 1..K, heatmaps, anchors, matching -- happens in
@@ -43,9 +44,12 @@ def training_target(
     *,
     with_segments: bool = True,
     ignore_index: int = 255,
+    box_only: np.ndarray | None = None,
 ) -> dict[str, Tensor]:
     """The typed target of one image (see the module docstring); ``with_segments=False`` leaves out
-    the per-segment masks for models that learn from the semantic map alone."""
+    the per-segment masks for models that learn from the semantic map alone. ``box_only`` (one
+    bool per segment, :attr:`Sample.box_only`) adds ``has_mask``: False where a segment's mask is
+    only its box, which mask losses leave out."""
     if len(categories) > ignore_index:
         raise ValueError(f"{len(categories)} categories do not fit below the ignore index {ignore_index}")
     lookup = categories.id_lookup(fill=ignore_index)
@@ -63,6 +67,10 @@ def training_target(
         )
         target["category_ids"] = torch.as_tensor(segments.category_ids, dtype=torch.int64)
         target["iscrowd"] = torch.as_tensor(segments.iscrowd, dtype=torch.bool)
+        if box_only is not None:
+            if len(box_only) != len(segments):
+                raise ValueError(f"box_only has {len(box_only)} flags for {len(segments)} segments")
+            target["has_mask"] = torch.from_numpy(~np.asarray(box_only, dtype=bool))
     return target
 
 
@@ -82,5 +90,7 @@ def finalize_target(target: Mapping[str, Tensor]) -> dict[str, Tensor]:
         category_ids=out["category_ids"][keep],
         iscrowd=out["iscrowd"][keep],
     )
+    if "has_mask" in out:
+        out["has_mask"] = out["has_mask"][keep]
     return out
 

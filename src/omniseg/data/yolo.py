@@ -2,8 +2,9 @@
 
 Each line is ``class x1 y1 x2 y2 ...`` with coordinates normalised to [0, 1] by the image
 width and height. A line with exactly four numbers is a box ``cx cy w h`` (detection labels
-mixed into a segmentation set) and becomes a rectangle. Masks are rasterised by pycocotools
-and kept as compressed RLE.
+mixed into a segmentation set): its segment is the filled rectangle, marked **box-only** in
+:attr:`Sample.box_only`, so that models with a mask loss (Mask^X R-CNN) leave its mask out. Masks
+are rasterised by pycocotools and kept as compressed RLE.
 
 The images folder drives the listing: an image without a label file is a negative (no
 segments); a label file without an image is an *orphan*, listed in :attr:`YoloSegmentation.orphans`
@@ -42,8 +43,11 @@ COCO80_TO_COCO_IDS = (
 )  # fmt: skip
 
 
-def parse_label_file(path: str | Path, num_classes: int) -> list[tuple[int, np.ndarray]]:
-    """``[(class, (K, 2) float64 normalised polygon), ...]`` from one label file.
+def parse_label_file(
+    path: str | Path, num_classes: int, *, box_flags: bool = False
+) -> list[tuple[int, np.ndarray]] | list[tuple[int, np.ndarray, bool]]:
+    """``[(class, (K, 2) float64 normalised polygon), ...]`` from one label file; with
+    ``box_flags`` each entry also says whether its line was a box (``class cx cy w h``).
 
     Malformed lines are a :class:`DataError` naming the file and line; coordinates outside
     [0, 1] are clipped with a warning.
@@ -73,7 +77,8 @@ def parse_label_file(path: str | Path, num_classes: int) -> list[tuple[int, np.n
             raise DataError(f"{where}: coordinates must be numbers ({exc})") from None
         if not np.isfinite(values).all():
             raise DataError(f"{where}: coordinates must be finite")
-        if len(values) == 4:
+        is_box = len(values) == 4
+        if is_box:
             cx, cy, w, h = values
             values = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy - h / 2,
                                cx + w / 2, cy + h / 2, cx - w / 2, cy + h / 2])  # fmt: skip
@@ -88,7 +93,7 @@ def parse_label_file(path: str | Path, num_classes: int) -> list[tuple[int, np.n
                 stacklevel=2,
             )
             values = np.clip(values, 0.0, 1.0)
-        shapes.append((cls, values.reshape(-1, 2)))
+        shapes.append((cls, values.reshape(-1, 2), is_box) if box_flags else (cls, values.reshape(-1, 2)))
     return shapes
 
 
@@ -164,12 +169,16 @@ class YoloSegmentation:
         image_path = self.image_files[index]
         image = load_image(image_path)
         label_path = self.label_path(index)
-        shapes = parse_label_file(label_path, len(self.categories)) if label_path.is_file() else []
-        segments = polygons_to_segments(shapes, image.shape[:2], categories=self.categories)
+        shapes = (
+            parse_label_file(label_path, len(self.categories), box_flags=True) if label_path.is_file() else []
+        )
+        segments = polygons_to_segments([s[:2] for s in shapes], image.shape[:2], categories=self.categories)
+        box_only = np.array([s[2] for s in shapes], dtype=bool)
         stem = image_path.stem
         return Sample(
-            image, segments, image_id=int(stem) if stem.isdigit() else stem, file_name=image_path.name
-        )
+            image, segments, image_id=int(stem) if stem.isdigit() else stem, file_name=image_path.name,
+            box_only=box_only if box_only.any() else None,
+        )  # fmt: skip
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):

@@ -51,8 +51,9 @@ class TrainingSet(Dataset):
     def _load(self, index: int) -> tuple[np.ndarray, dict[str, Tensor]]:
         sample = self.dataset[index]
         target = training_target(
-            sample.segments, self.categories, with_segments=self.with_segments, ignore_index=self.ignore_index
-        )
+            sample.segments, self.categories, with_segments=self.with_segments, ignore_index=self.ignore_index,
+            box_only=sample.box_only,
+        )  # fmt: skip
         if self.ignore_index < 256:  # a quarter of the memory in the cache; widened after the transforms
             target["semantic"] = target["semantic"].to(torch.uint8)
         return sample.image, target

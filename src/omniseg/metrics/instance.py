@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+from collections.abc import Sequence
 
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -138,7 +139,17 @@ class InstanceAP:
         cats = [{"id": c.id, "name": c.name} for c in self.categories if c.id in self.scored_ids]
         return {"images": list(self.images), "annotations": list(self.gt_annotations), "categories": cats}
 
-    def compute(self) -> dict[str, dict[str, float]]:
-        """``{"segm": {AP, AP50, AP75, APs, APm, APl}, "bbox": {...}}`` from COCOeval."""
-        gt = self.gt_dataset()
-        return {t: coco_evaluate(gt, results_for(t, self.results), t) for t in ("segm", "bbox")}
+    def compute(self, category_ids: Sequence[int] | None = None) -> dict[str, dict[str, float]]:
+        """``{"segm": {AP, AP50, AP75, APs, APm, APl}, "bbox": {...}}`` from COCOeval; with
+        ``category_ids``, averaged over those categories only (their ground truth and predictions;
+        e.g. Mask^X R-CNN's box-only classes apart from the masked ones)."""
+        gt, results = self.gt_dataset(), self.results
+        if category_ids is not None:
+            keep = {int(c) for c in category_ids}
+            gt = {
+                "images": gt["images"],
+                "annotations": [a for a in gt["annotations"] if a["category_id"] in keep],
+                "categories": [c for c in gt["categories"] if c["id"] in keep],
+            }
+            results = [r for r in results if r["category_id"] in keep]
+        return {t: coco_evaluate(gt, results_for(t, results), t) for t in ("segm", "bbox")}

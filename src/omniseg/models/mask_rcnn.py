@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from omniseg.inference import validate_task
@@ -76,9 +76,13 @@ LEVEL_NAMES = ("0", "1", "2", "3", "pool")
 
 
 class MaskRoIHeads(RoIHeads):
-    """torchvision's ``RoIHeads`` (training unchanged) with a leaner inference for masks once
-    ``fast`` (set by :func:`omniseg.optimize_for_inference`): only the detected class's 28x28
-    logits are computed."""
+    """torchvision's ``RoIHeads`` with a leaner inference for masks once ``fast`` (set by
+    :func:`omniseg.optimize_for_inference`): only the detected class's 28x28 logits are computed.
+
+    Training is torchvision's, unless a target carries ``has_mask`` (box-only segments,
+    :attr:`omniseg.structures.Sample.box_only`): then the mask loss is taken over the positive
+    RoIs whose matched ground truth has a mask only -- Mask^X R-CNN's partial supervision, and
+    what any mask head should do with box labels."""
 
     inference_option = "class_only_masks"  # the optimize_for_inference option that sets ``fast``
     fast: bool = False
@@ -91,7 +95,9 @@ class MaskRoIHeads(RoIHeads):
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if self.training:
-            return super().forward(features, proposals, image_shapes, targets)
+            if targets is None or not any("has_mask" in t for t in targets):
+                return super().forward(features, proposals, image_shapes, targets)
+            return [], self._partially_supervised_losses(features, proposals, image_shapes, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         boxes, scores, labels = self.postprocess_detections(
@@ -108,6 +114,38 @@ class MaskRoIHeads(RoIHeads):
         return results, {}
 
 
+    def _partially_supervised_losses(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """torchvision's training losses, the mask loss over RoIs matched to masked ground truth."""
+        proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+        if not self.has_mask():
+            return losses
+        positives = []
+        for image_labels, image_matched, target in zip(labels, matched, targets, strict=True):
+            has_mask = target.get("has_mask")
+            keep = image_labels > 0  # an image without ground truth has no positive RoI
+            if has_mask is not None and len(has_mask):
+                keep &= has_mask[image_matched]
+            positives.append(torch.where(keep)[0])
+        mask_proposals = [p[i] for p, i in zip(proposals, positives, strict=True)]
+        matched_idxs = [m[i] for m, i in zip(matched, positives, strict=True)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
+        losses["loss_mask"] = maskrcnn_loss(
+            mask_logits, mask_proposals, [t["masks"] for t in targets], [t["labels"] for t in targets],
+            matched_idxs,
+        )  # fmt: skip
+        return losses
+
+
 def mask_probabilities(
     predictor: MaskRCNNPredictor, x: Tensor, labels: list[Tensor], *, fast: bool = True
 ) -> list[Tensor]:
@@ -117,7 +155,7 @@ def mask_probabilities(
     28x28 maps) and keeps one; here the deconvolution is one GEMM and the classifier a dot
     product with the detected class's weights only.
     """
-    if not fast or not fast_path_enabled(x) or len(x) == 0:
+    if not fast or not fast_path_enabled(x) or len(x) == 0 or not isinstance(predictor, MaskRCNNPredictor):
         return list(maskrcnn_inference(predictor(x), labels))
     deconv, classifier = predictor.conv5_mask, predictor.mask_fcn_logits
     n, c, h, w = x.shape

@@ -126,6 +126,8 @@ def encode_detection_targets(
         keep = (labels > 0) & ~target["iscrowd"]
         keep &= ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
         entry = {"boxes": boxes[keep], "labels": labels[keep], "masks": target["masks"][keep].bool()}
+        if "has_mask" in target:  # box-only segments (Mask^X R-CNN's partial supervision)
+            entry["has_mask"] = target["has_mask"][keep]
         if "semantic" in target:
             entry["semantic"] = target["semantic"]
         encoded.append(entry)
