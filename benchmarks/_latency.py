@@ -26,6 +26,13 @@ def model_from_config(config: str | Path, **overrides: Any) -> torch.nn.Module:
     return optimize_for_inference(build_model(section).eval())
 
 
+def trained_model(name_or_path: str | Path) -> torch.nn.Module:
+    """A trained checkpoint or zoo entry, as ``omniseg segment`` runs it (optimised for inference)."""
+    from omniseg.predictor import load_predictor
+
+    return load_predictor(name_or_path).model
+
+
 def alternate(runs: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Median seconds of each callable after one warm-up each, the callables taking turns."""
     for run in runs.values():  # warm-up: caches, oneDNN primitives, Winograd plans

@@ -17,7 +17,7 @@ from omniseg.models.centermask import (
     assemble_masks,
     encode_centre_targets,
     mask_assembly_loss,
-    paste_grid_masks,
+    point_head,
     resize_to_boxes,
 )
 from omniseg.models.layers.center_heatmap import draw_gaussians, gaussian_radius, heatmap_peaks
@@ -172,13 +172,46 @@ def test_peaks_match_reference():
         assert found == reference
 
 
-def test_paste_equals_bilinear_upsampling():
+def test_heads_at_points_equal_the_dense_heads():
     torch.manual_seed(0)
-    probs = torch.rand(5, 6, 7)
-    expected = F.interpolate(probs[:, None], scale_factor=4, mode="bilinear", align_corners=False)[:, 0] > 0.4
-    assert torch.equal(paste_grid_masks(probs, (24, 28), (24, 28), threshold=0.4), expected)
-    # chunked (bounded memory) = all at once
-    assert torch.equal(paste_grid_masks(probs, (24, 28), (24, 28), chunk_pixels=2 * 24 * 28), expected)
+    model = _tiny_model().eval()
+    features = torch.randn(2, 16, 6, 7)
+    batch_index, cell = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 13, 41, 6])  # corners and edges
+    for head in (model.offset_head, model.size_head, model.shape_head):
+        dense = head(features).flatten(2)[batch_index, :, cell]
+        torch.testing.assert_close(point_head(head, features, batch_index, cell), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_box_local_masks_pasted_equal_the_grid_assembly_upsampled():
+    """Inference assembles each mask over its box (shape resized, saliency cropped by RoIAlign) and
+    pastes it as Mask R-CNN does; that is the paper's grid assembly, up-sampled, up to resampling."""
+    from omniseg.models.layers.detection import paste_masks
+
+    torch.manual_seed(0)
+    model = _tiny_model().eval()
+    with torch.no_grad():  # trained-like heads: masks well above and below the 0.4 threshold
+        for head in (model.shape_head, model.saliency_head):
+            head[-1].weight.normal_(0, 0.5)
+            head[-1].bias.fill_(1.0)
+    # smooth features, as a trained network's are (white noise per cell is all resampling error)
+    features = F.interpolate(torch.randn(1, 16, 4, 6), size=(16, 24), mode="bilinear", align_corners=False)
+    batch_index, cell, channels = torch.tensor([0, 0]), torch.tensor([5 * 24 + 6, 10 * 24 + 15]), torch.tensor([0, 1])
+    boxes = torch.tensor([[2.0, 1, 11, 9], [9, 4, 22, 15]])  # cells
+    with torch.no_grad():
+        local = model.local_masks(features, batch_index, cell, channels, boxes)
+        pasted = paste_masks(local[:, None], boxes * 4, (64, 96))[:, 0]
+        saliency = model.saliency_head(features)[0, channels]
+        grid = assemble_masks(model.shape_logits(features, batch_index, cell), saliency, boxes, (16, 24))
+        reference = F.interpolate(grid[:, None], scale_factor=4, mode="bilinear", align_corners=False)[:, 0]
+    for ours, ref, (x0, y0, x1, y1) in zip(pasted, reference, (boxes * 4).long().tolist(), strict=True):
+        inner = (slice(y0 + 4, y1 - 4), slice(x0 + 4, x1 - 4))  # a cell in from the box border, where
+        assert ref[inner].min() > 0.2  # the grid version's up-sampling blurs into the zeros outside
+        # two discretisations of one product (shape -> 64 x 64 -> box pixels vs shape -> cells -> x4)
+        difference = (ours[inner] - ref[inner]).abs()
+        assert difference.mean() < 0.03 and difference.max() < 0.15, (difference.mean(), difference.max())
+        outside = torch.ones_like(ours, dtype=torch.bool)
+        outside[y0 - 2 : y1 + 2, x0 - 2 : x1 + 2] = False  # Mask R-CNN's paste pads the box by a mask cell
+        assert ours[outside].abs().max() < 1e-6  # nothing leaks out of the box
 
 
 def test_post_process_gives_segments_at_the_input_size():

@@ -7,7 +7,7 @@ has no official code and is written from the paper.
               heatmap (C)  offset (2)  size (2)  local shape (S*S)  global saliency (C, or 1)
            -> 3x3 max-pool peaks, top 100 (no NMS) -> boxes from offset + size
            -> per peak: its S x S shape resized to its box  x  the saliency map inside the box,
-              at its class -> mask on the stride-4 grid -> pasted into the image, binarised at 0.4
+              at its class -> mask over its box -> pasted into the image, binarised at 0.4
 
 Training (the paper's losses): CenterNet's penalty-reduced focal loss on the heatmap against
 Gaussian-splatted centres, L1 on offset and size (size weight 0.1) at the ground-truth centres,
@@ -24,7 +24,15 @@ What is batched: targets, the mask assembly and the pasting are tensor operation
 objects of the batch (no Python loop over objects or pixels). The shape head's last 1x1
 convolution maps to S*S = 1024 channels; it is applied only at the centres that are used (the
 ground-truth centres in training, the 100 peaks in inference) -- the same numbers as the dense
-convolution gathered there, at a fraction of the cost.
+convolution gathered there, at a fraction of the cost. The offset and size heads likewise run
+at those centres only (:func:`point_head`: each centre's 3x3 neighbourhood times the kernel).
+
+Inference is built for speed, the method's case: only the heatmap and saliency heads run on
+every stride-4 cell. Each mask is assembled over its own box at ``LOCAL_MASK_SIZE`` squared (the
+shape resized, the saliency cropped by RoIAlign) and pasted into the image box by box as Mask
+R-CNN's 28 x 28 masks are, so both detectors share their post-processing: assembling on the whole
+stride-4 grid and up-sampling 100 full-image masks cost more than the backbone at 1280x640.
+Training assembles on the grid (:func:`assemble_masks`), where the mask loss is taken.
 """
 
 from __future__ import annotations
@@ -32,11 +40,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 from torch import Tensor, nn
+from torchvision.ops import roi_align
 
 from omniseg.inference import validate_task
 from omniseg.losses import heatmap_focal_loss
@@ -45,8 +52,8 @@ from omniseg.models.backbones import Backbone, build_backbone
 from omniseg.models.layers.center_heatmap import draw_gaussians, gaussian_radius, heatmap_peaks
 from omniseg.models.layers.detection import (
     as_category_table,
+    detection_segments,
     encode_detection_targets,
-    label_category_ids,
     postprocess_boxes,
     preprocess,
     resolve_num_classes,
@@ -64,12 +71,13 @@ __all__ = [
     "centermask",
     "encode_centre_targets",
     "mask_assembly_loss",
-    "paste_grid_masks",
+    "point_head",
     "resize_to_boxes",
 ]
 
 MASK_MODES = ("both", "shape", "saliency")
 STRIDE = 4
+LOCAL_MASK_SIZE = 64  # inference masks over their boxes: a 256-pixel box keeps its 64 stride-4 cells
 
 
 # ------------------------------------------------------------------------------- targets
@@ -189,37 +197,6 @@ def mask_assembly_loss(
     return per_object.mean()
 
 
-def grid_sample_weights(extent: int, image_extent: int, grid: int, stride: int, device) -> Tensor:
-    """``(extent, grid)`` bilinear weights from a stride-``stride`` grid over an input of
-    ``image_extent`` pixels to ``extent`` output pixels (pixel centres mapped to each other)."""
-    pos = (torch.arange(extent, device=device, dtype=torch.float32) + 0.5) * (image_extent / extent)
-    src = (pos / stride - 0.5).clamp(0, grid - 1)
-    i0 = src.floor().long()
-    frac = src - i0
-    i1 = (i0 + 1).clamp(max=grid - 1)
-    return (1 - frac)[:, None] * F.one_hot(i0, grid) + frac[:, None] * F.one_hot(i1, grid)
-
-
-def paste_grid_masks(
-    probs: Tensor, input_size: Sequence[int], image_size: Sequence[int], *, threshold: float = 0.4,
-    stride: int = STRIDE, chunk_pixels: int = 1 << 24,
-) -> Tensor:  # fmt: skip
-    """``(N, H, W)`` boolean masks at ``image_size`` from ``(N, h, w)`` stride-``stride`` mask
-    probabilities of an input resized to ``input_size``: bilinear up-sampling as one matrix
-    product per axis (shared by all masks), then the threshold.
-
-    The float products are made for ``chunk_pixels // (H * W)`` masks at a time so memory stays
-    bounded (100 masks of a 1280x640 image would be 330 MB at once); each chunk is one batched op.
-    """
-    h, w = int(image_size[0]), int(image_size[1])
-    if len(probs) == 0:
-        return torch.zeros((0, h, w), dtype=torch.bool, device=probs.device)
-    rows = grid_sample_weights(h, int(input_size[0]), probs.shape[-2], stride, probs.device)
-    cols = grid_sample_weights(w, int(input_size[1]), probs.shape[-1], stride, probs.device).T
-    per_chunk = max(1, chunk_pixels // (h * w))
-    return torch.cat([(rows @ chunk @ cols) > threshold for chunk in probs.split(per_chunk)])
-
-
 # ----------------------------------------------------------------------------- modules
 class TopDownFusion(nn.Module):
     """One stride-4 map from the backbone's C4-C32: FPN's lateral 1x1 convolutions and top-down
@@ -256,15 +233,26 @@ def head(
     return layers
 
 
-def _gather(maps: Tensor, batch_index: Tensor, cell: Tensor) -> Tensor:
-    """``(N, C)`` values of ``(B, C, H, W)`` maps at each object's image and flat cell."""
-    return maps.flatten(2)[batch_index, :, cell]
+def point_head(layers: nn.Sequential, features: Tensor, batch_index: Tensor, cell: Tensor) -> Tensor:
+    """``(N, out)``: a :func:`head` (3x3 conv + ReLU + 1x1 conv) evaluated at the given cells only --
+    each cell's zero-padded 3x3 neighbourhood times the flattened kernel, one GEMM -- equal to the
+    dense head gathered there, for a few hundred cells instead of every cell of the map."""
+    conv, _, last = layers
+    w = features.shape[-1]
+    padded = F.pad(features, (1, 1, 1, 1))
+    taps = torch.arange(3, device=features.device)
+    rows = (cell // w)[:, None] + taps  # padded coordinates of the 3 rows / columns around each cell
+    cols = (cell % w)[:, None] + taps
+    patches = padded[batch_index[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (N, 3, 3, C)
+    patches = patches.permute(0, 3, 1, 2).flatten(1)  # (N, C * 9) in the kernel's (c, ky, kx) order
+    hidden = F.relu(F.linear(patches, conv.weight.flatten(1), conv.bias))
+    return F.linear(hidden, last.weight.flatten(1), last.bias)
 
 
 class CenterMask(nn.Module):
     """CenterMask. ``forward(images, targets)`` -> losses; ``forward(images)`` -> raw detections
-    per image (``boxes`` at the image's size, ``labels`` 1..K, ``scores``, stride-4 ``mask_probs``
-    over the resized input, its ``input_size``) for :meth:`post_process`."""
+    per image (``boxes`` at the image's size, ``labels`` 1..K, ``scores``, ``(N, 1, M, M)``
+    ``mask_probs`` over each box) for :meth:`post_process`."""
 
     tasks: tuple[str, ...] = ("instance",)
 
@@ -351,11 +339,9 @@ class CenterMask(nn.Module):
         return self.neck(backbone(x))
 
     def shape_logits(self, features: Tensor, batch_index: Tensor, cell: Tensor) -> Tensor:
-        """``(N, S, S)`` local shape logits at the given centres: the head's last 1x1 conv applied
-        to the gathered hidden features only (equal to the dense S*S-channel map gathered)."""
-        hidden = _gather(self.shape_head[:-1](features), batch_index, cell)
-        last = self.shape_head[-1]
-        out = F.linear(hidden, last.weight.flatten(1), last.bias)
+        """``(N, S, S)`` local shape logits at the given centres (:func:`point_head`: equal to the
+        dense S*S-channel map gathered there)."""
+        out = point_head(self.shape_head, features, batch_index, cell)
         return out.view(-1, self.shape_size, self.shape_size)
 
     def saliency_crops(self, features: Tensor, batch_index: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -379,8 +365,8 @@ class CenterMask(nn.Module):
         )
         losses = {"loss_heatmap": heatmap_focal_loss(self.heatmap_head(features), encoded["heatmap"])}
         cell = encoded["cell"]
-        offset = _gather(self.offset_head(features), batch_index, cell)
-        size = _gather(self.size_head(features), batch_index, cell)
+        offset = point_head(self.offset_head, features, batch_index, cell)
+        size = point_head(self.size_head, features, batch_index, cell)
         # mean L1 over objects and coordinates (CenterNet's RegL1Loss); 0 with a graph if none
         losses["loss_offset"] = F.l1_loss(offset, encoded["offset"], reduction="sum") / max(offset.numel(), 1)
         losses["loss_size"] = F.l1_loss(size, encoded["size"], reduction="sum") / max(size.numel(), 1)
@@ -433,34 +419,43 @@ class CenterMask(nn.Module):
         batch_index = torch.arange(b, device=heat.device).repeat_interleave(k)
         cell = (ys * w + xs).flatten()
         channels = channels.flatten()
-        offset = _gather(self.offset_head(features), batch_index, cell)
-        size = _gather(self.size_head(features), batch_index, cell).clamp_min(0)
+        # offset, size and shape only matter at the peaks: their heads run there alone
+        offset = point_head(self.offset_head, features, batch_index, cell)
+        size = point_head(self.size_head, features, batch_index, cell).clamp_min(1.0)  # >= one cell
         centre = torch.stack([xs.flatten(), ys.flatten()], 1).float() + offset
-        boxes = torch.cat([centre - size / 2, centre + size / 2], 1)  # in cells
-        shape = self.shape_logits(features, batch_index, cell) if self.shape_head is not None else None
-        saliency = (
-            self.saliency_crops(features, batch_index, channels)[1]
-            if self.saliency_head is not None
-            else None
-        )
-        masks = assemble_masks(shape, saliency, boxes, (h, w)).view(b, k, h, w)
+        boxes = torch.cat([centre - size / 2, centre + size / 2], 1) * STRIDE  # input pixels
+        limits = torch.tensor([[iw, ih, iw, ih] for ih, iw in batch.image_sizes], dtype=boxes.dtype)
+        boxes = torch.minimum(boxes.clamp_min(0), limits.to(boxes.device).repeat_interleave(k, 0))
+        masks = self.local_masks(features, batch_index, cell, channels, boxes / STRIDE)
         results = []
-        for i, ((ih, iw), original, (vh, vw)) in enumerate(
-            zip(batch.image_sizes, original_sizes, valid, strict=True)
-        ):
-            image_boxes = boxes.view(b, k, 4)[i] * STRIDE
-            image_boxes = torch.stack(
-                [image_boxes[:, 0].clamp(0, iw), image_boxes[:, 1].clamp(0, ih),
-                 image_boxes[:, 2].clamp(0, iw), image_boxes[:, 3].clamp(0, ih)], 1
-            )  # fmt: skip
+        for i, ((ih, iw), original) in enumerate(zip(batch.image_sizes, original_sizes, strict=True)):
+            part = slice(i * k, (i + 1) * k)
             results.append({
-                "boxes": postprocess_boxes(image_boxes, (ih, iw), original),
-                "labels": channels.view(b, k)[i] + 1,
+                "boxes": postprocess_boxes(boxes[part], (ih, iw), original),
+                "labels": channels[part] + 1,
                 "scores": scores[i],
-                "mask_probs": masks[i, :, :vh, :vw],
-                "input_size": torch.tensor([ih, iw]),
+                "mask_probs": masks[part, None],
             })  # fmt: skip
         return results
+
+    def local_masks(
+        self, features: Tensor, batch_index: Tensor, cell: Tensor, channels: Tensor, boxes: Tensor
+    ) -> Tensor:
+        """``(N, M, M)`` mask probabilities over each box (in cells), M = ``LOCAL_MASK_SIZE``: the
+        paper's assembly in box coordinates -- sigmoid(shape resized to M x M) x sigmoid(saliency
+        of the object's class, cropped to the box by RoIAlign)."""
+        m = LOCAL_MASK_SIZE
+        probs = features.new_ones((len(cell), m, m))
+        if self.shape_head is not None:
+            shape = self.shape_logits(features, batch_index, cell)[:, None]
+            probs = probs * F.interpolate(shape, size=(m, m), mode="bilinear", align_corners=False)[:, 0].sigmoid()
+        if self.saliency_head is not None:
+            saliency = self.saliency_head(features)
+            rois = torch.cat([batch_index[:, None].to(boxes.dtype), boxes], 1)
+            crops = roi_align(saliency, rois, (m, m), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+            channel = channels if self.class_specific_saliency else torch.zeros_like(channels)
+            probs = probs * crops[torch.arange(len(cell), device=crops.device), channel].sigmoid()
+        return probs
 
     # ---------------------------------------------------------------------------- public
     def forward(
@@ -491,28 +486,14 @@ class CenterMask(nn.Module):
         score_thresh: float | None = None,
         mask_threshold: float | None = None,
     ) -> list[Segments]:
-        """Instance ``Segments`` per image at ``image_sizes``: the masks pasted (all at once) and
-        binarised at ``mask_threshold`` (the paper's 0.4), detections below ``score_thresh`` left out."""
+        """Instance ``Segments`` per image at ``image_sizes``: each box-local mask pasted into its box
+        (Mask R-CNN's post-processing) and binarised at ``mask_threshold`` (the paper's 0.4),
+        detections below ``score_thresh`` left out."""
         validate_task(self, task)
         threshold = self.mask_threshold if mask_threshold is None else mask_threshold
-        ids = label_category_ids(self.categories) if self.categories is not None else None
-        results = []
-        for output, size in zip(outputs, image_sizes, strict=True):
-            keep = output["scores"] >= score_thresh if score_thresh is not None else slice(None)
-            probs, labels, scores = output["mask_probs"][keep], output["labels"][keep], output["scores"][keep]
-            masks = paste_grid_masks(probs, output["input_size"].tolist(), size, threshold=threshold)
-            # one pycocotools call encodes every mask (a Fortran-ordered (H, W, N) array)
-            array = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-            rles = mask_utils.encode(array) if len(masks) else []
-            label_list = labels.tolist()
-            category_ids = [ids[label - 1] for label in label_list] if ids is not None else label_list
-            results.append(
-                Segments(
-                    (int(size[0]), int(size[1])), np.asarray(category_ids, dtype=np.int64),
-                    categories=self.categories, scores=scores.detach().cpu().numpy(), rles=rles,
-                )
-            )  # fmt: skip
-        return results
+        return detection_segments(
+            outputs, image_sizes, categories=self.categories, mask_threshold=threshold, score_thresh=score_thresh
+        )
 
 
 @register_model("centermask")
