@@ -216,11 +216,13 @@ def test_matches_hf_mask2former_every_decoder_layer(pre_norm, size):
     assert 0 < (outputs["aux_outputs"][1]["mask_logits"] > 0).float().mean() < 1
 
 
-def test_whole_hf_model_converts_with_a_timm_swin_backbone():
+# 128: stage maps 32, 16, 8 (whole 4x4 windows, shifted) and 4 (one window); 100 x 140: maps 25 x 35,
+# 13 x 18, 7 x 9, 4 x 5 -- padded to whole windows before the shift, as HF and the original Swin
+@pytest.mark.parametrize("size", [(128, 128), (100, 140)])
+def test_whole_hf_model_converts_with_a_timm_swin_backbone(size):
     """HF's Swin weights in timm's SwinTransformer (+ per-stage norms): the whole model, image in,
-    logits out, with shifted windows (two blocks per stage) at a size where HF and timm window alike."""
+    logits out, with shifted windows (two blocks per stage), at whole-window and padded sizes."""
     hf = _tiny_hf_mask2former(depths=(2, 2, 2, 2))
-    size = (128, 128)  # stage maps 32, 16, 8 (whole 4x4 windows, shifted) and 4 (one window)
     backbone = swin_backbone_from_hf(hf.config.backbone_config, hf.state_dict(), img_size=size)
     ours = Mask2Former(backbone, **hf_config_to_kwargs(hf.config)).eval()
     load_hf_mask2former(ours, hf.state_dict())

@@ -194,10 +194,12 @@ def test_matches_hf_oneformer_for_every_task(pre_norm, size):
     assert (a["class_logits"] - b["class_logits"]).abs().max() > 1e-3
 
 
-def test_whole_hf_model_converts_with_a_timm_swin_backbone():
+# 128: stage maps 32, 16, 8 (whole 4x4 windows, shifted) and 4 (one window); 100 x 140: maps 25 x 35,
+# 13 x 18, 7 x 9, 4 x 5 -- padded to whole windows before the shift, as HF and the original Swin
+@pytest.mark.parametrize("size", [(128, 128), (100, 140)])
+def test_whole_hf_model_converts_with_a_timm_swin_backbone(size):
     """HF's Swin weights in timm's Swin: image in, logits out, shifted windows (two blocks per stage)."""
     hf = _tiny_hf_oneformer(depths=(2, 2, 2, 2))
-    size = (128, 128)  # stage maps 32, 16, 8 (whole 4x4 windows, shifted) and 4 (one window)
     backbone = swin_backbone_from_hf(hf.config.backbone_config, hf.state_dict(), img_size=size)
     ours = OneFormer(backbone, **oneformer_config_to_kwargs(hf.config)).eval()
     # the backbone was loaded by its own conversion; everything else by this one
