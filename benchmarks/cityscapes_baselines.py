@@ -82,7 +82,8 @@ def main() -> None:
         result[f"{key}_mask_ap"] = round(100 * ins.get("mask_ap", 0), 2)
         result[f"{key}_pq"] = round(100 * pan["pq"], 2)
         if args.export:
-            export_model(checkpoint, args.export, name=name, figures=figures)
+            # the frames' size: what the recorded scales are relative to, and larger photos are scaled to
+            export_model(checkpoint, args.export, name=name, figures=figures, reference_size=(640, 1280))
             print(f"exported {name} -> {args.export}")
     frames = "all 221" if args.limit is None else f"first {args.limit}"
     print(f"\nCityscapes val (dusseldorf, {frames} frames at 1280x640), {args.threads} threads\n")

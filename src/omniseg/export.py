@@ -54,12 +54,15 @@ def export_model(
     format: str = "safetensors",
     name: str | None = None,
     figures: Sequence[str | Path] = (),
+    reference_size: Sequence[int] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``out_dir/NAME.safetensors`` (float16) + ``out_dir/NAME.json``; returns both paths.
 
     ``source`` is a zoo name or a checkpoint path; ``name`` defaults to the checkpoint's stem
     (``best`` of a training run is rarely the name you want: pass one). ``figures`` are JSON files
-    written by ``omniseg evaluate --save``, attached under ``"figures"``.
+    written by ``omniseg evaluate --save``, attached under ``"figures"``. ``reference_size``
+    (H, W) records the image size the model's test-time scales are relative to, for checkpoints
+    trained before training recorded it (:func:`omniseg.inference.working_size`).
     """
     import torch
     from safetensors.torch import save_file
@@ -82,6 +85,10 @@ def export_model(
     exported = {"name": name, "model": meta["model"], "categories": meta["categories"]}
     exported.update({k: meta[k] for k in _CARRIED_KEYS if k in meta})
     exported["figures"] = records
+    if reference_size is not None:
+        if len(reference_size) != 2 or min(int(v) for v in reference_size) < 1:
+            raise DataError(f"reference size {list(reference_size)}: expected a height and a width, e.g. 640x1280")
+        exported["inference"] = {**exported.get("inference", {}), "reference_size": [int(v) for v in reference_size]}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_path, meta_path = checkpoint_paths(out_dir / name)

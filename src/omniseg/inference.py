@@ -30,12 +30,44 @@ from torch import Tensor, nn
 from omniseg.structures import Segments
 
 __all__ = [
+    "SIZE_POLICIES",
     "TestTimeAugmentation",
     "merge_dense_views",
     "predict_segments",
     "run_model",
     "validate_task",
+    "working_size",
 ]
+
+SIZE_POLICIES = ("reference", "native")
+REFERENCE_TOLERANCE = 1.25  # inputs up to 1.25x the reference's pixels run as they are
+
+
+def working_size(
+    image_size: Sequence[int], reference_size: Sequence[int] | None, *, policy: str = "reference"
+) -> tuple[int, int]:
+    """The size an image of ``image_size`` is run at, for a model whose checkpoint records the
+    ``reference_size`` it was trained and validated at (its test-time scales are relative to it).
+
+    ``"reference"`` (the default): an image with more than 1.25x the reference's pixels is scaled
+    down, aspect kept, to the reference's pixel count -- a 4000x3000 photo through a model trained
+    on 480x360 frames is run at 480x360 (then at the recorded scales), a 3000x3000 one at 416x416,
+    and the result mapped back to the photo's size; anything smaller runs as it is, so at the
+    reference size nothing changes.
+    ``"native"``: always as it is (the network then sees objects at the photo's own scale, and a
+    12-MP photo costs the network 12 MP times the recorded scales). Without a recorded reference
+    (older checkpoints) images run as they are.
+    """
+    if policy not in SIZE_POLICIES:
+        raise ValueError(f"size policy must be one of {SIZE_POLICIES}, got {policy!r}")
+    h, w = int(image_size[0]), int(image_size[1])
+    if policy == "native" or not reference_size:
+        return h, w
+    reference = int(reference_size[0]) * int(reference_size[1])
+    if h * w <= REFERENCE_TOLERANCE * reference:
+        return h, w
+    scale = (reference / (h * w)) ** 0.5
+    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from omniseg.checkpoint import CheckpointError, checkpoint_paths, load_model
 from omniseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
-from omniseg.inference import TestTimeAugmentation, predict_segments
+from omniseg.inference import TestTimeAugmentation, predict_segments, working_size
 from omniseg.io import load_image
 from omniseg.models.registry import attach_categories
 from omniseg.optimize import optimize_for_inference
@@ -48,7 +49,9 @@ class Predictor:
     """A loaded model plus its category metadata; ``predict(image) -> Segments``.
 
     ``meta["inference"]`` (written with the checkpoint) records the test-time flip and scales the
-    model was measured with; they are the defaults of :meth:`predict`.
+    model was measured with, and the image size they are relative to (``reference_size``); they
+    are the defaults of :meth:`predict`, and ``size_policy`` (:func:`~omniseg.inference.working_size`)
+    says how images much larger than the reference are run.
     """
 
     def __init__(
@@ -70,6 +73,10 @@ class Predictor:
         # the task the checkpoint was validated on (its figures are for that one), else the model's first
         self.task = self.meta["task"] if self.meta.get("task") in self.tasks else self.tasks[0]
         self.recorded = dict(self.meta.get("inference", {}))
+        self.reference_size: tuple[int, int] | None = (
+            tuple(int(v) for v in self.recorded["reference_size"]) if self.recorded.get("reference_size") else None
+        )
+        self.size_policy = "reference"
 
     @property
     def name(self) -> str:
@@ -93,20 +100,30 @@ class Predictor:
         flip: bool | None = None,
         scales: Sequence[float] | None = None,
         score_thresh: float | None = None,
+        size_policy: str | None = None,
     ) -> Segments:
         """Segments of one image (array ``(H, W, 3) uint8`` RGB, or a path) for ``task`` (by
         default the one the checkpoint was validated on, else the model's first). ``crf`` refines dense class scores with the fully connected
-        CRF; ``score_thresh`` leaves out instances scoring below it."""
+        CRF; ``score_thresh`` leaves out instances scoring below it. An image much larger than the
+        checkpoint's reference size is run downscaled (``size_policy``, default
+        :attr:`size_policy`; :func:`~omniseg.inference.working_size`) and its segments mapped back
+        to the image's own size, nearest-neighbour, without a full-size float map per class."""
         if not isinstance(image, np.ndarray):
             image = load_image(image)
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+        original = image.shape[:2]
+        size = working_size(original, self.reference_size, policy=size_policy or self.size_policy)
+        if size != original:
+            # PIL's bilinear resize widens its kernel when shrinking (antialiased), unlike F.interpolate
+            image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
         x = to_model_input(image, mean=self.mean, std=self.std).unsqueeze(0).to(self.device)
         tta = self.test_time_augmentation(flip=flip, scales=scales)
         refine = (lambda outputs: crf_refine(image, outputs)) if crf else None
-        return predict_segments(
+        segments = predict_segments(
             self.model, x, task=task or self.task, tta=tta, refine=refine, score_thresh=score_thresh
         )[0]
+        return segments.resized(original)
 
 
 def crf_refine(image: np.ndarray, outputs: object) -> torch.Tensor:

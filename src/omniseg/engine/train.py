@@ -61,11 +61,14 @@ def class_weights_from_labels(train_set: TrainingSet, num_classes: int) -> list[
 class CheckpointAndCurves(Callback):
     """After every epoch: ``last.ckpt`` (full state, atomic), best weights as safetensors, a curve PNG."""
 
-    def __init__(self, out_dir: Path, model_config: dict, categories, recipe: dict) -> None:
+    def __init__(
+        self, out_dir: Path, model_config: dict, categories, recipe: dict, reference_size: tuple[int, int] | None
+    ) -> None:
         self.out_dir = out_dir
         self.model_config = model_config
         self.categories = categories
         self.recipe = recipe
+        self.reference_size = reference_size
         self.best = -math.inf
 
     # saved in last.ckpt, so that a resumed run keeps comparing against the true best
@@ -93,7 +96,11 @@ class CheckpointAndCurves(Callback):
                         "val": {k: v for k, v in val.items() if k != "score"},
                         "task": module.task,
                         # evaluate / segment default to the test-time setting the figure was measured with
-                        "inference": {"flip": module.tta.flip, "scales": list(module.tta.scales)},
+                        # and with the image size its scales are relative to (omniseg.inference.working_size)
+                        "inference": {
+                            "flip": module.tta.flip, "scales": list(module.tta.scales),
+                            **({"reference_size": list(self.reference_size)} if self.reference_size else {}),
+                        },  # fmt: skip
                         "recipe": self.recipe,
                     },
                 )
@@ -187,6 +194,15 @@ def _loaders(train_set: TrainingSet, data_cfg: dict) -> tuple[DataLoader, DataLo
     return train_loader, val_loader
 
 
+def _reference_size(val_loader: DataLoader | None) -> tuple[int, int] | None:
+    """The size of the validation images (the first one's): what the recorded test-time scales are
+    relative to, and what inference resizes much larger photos towards."""
+    if val_loader is None or not len(val_loader.dataset):
+        return None
+    image = val_loader.dataset[0][0]
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
 def _seconds(value: str | float | None) -> float | None:
     """``"DD:HH:MM:SS"`` (Lightning's ``max_time`` form), ``"HH:MM:SS"`` or seconds -> seconds."""
     if value is None or value == "":
@@ -272,7 +288,7 @@ def build_training(config: dict) -> tuple[L.Trainer, SegmentationTask, DataLoade
         strategy=train_cfg.get("strategy", "auto"),
         precision=train_cfg.get("precision", "32-true"),
         logger=loggers,
-        callbacks=[CheckpointAndCurves(out_dir, model_cfg, categories, recipe)],
+        callbacks=[CheckpointAndCurves(out_dir, model_cfg, categories, recipe, _reference_size(val_loader))],
         enable_checkpointing=False,
         check_val_every_n_epoch=int(train_cfg.get("val_every", 1)),
         num_sanity_val_steps=0,
