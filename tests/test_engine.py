@@ -120,7 +120,8 @@ def test_cli_train_then_evaluate_and_segment(tmp_path, capsys):
     # one inference path: the validation figure that picked `best` is what evaluate reports,
     # with the test-time flip and scale recorded in the checkpoint
     meta = json.loads(Path(ckpt + ".json").read_text())
-    assert meta["inference"] == {"flip": True, "scales": [1.25]}
+    # and the validation images' size, which those scales are relative to (the toy frames: 48 x 64)
+    assert meta["inference"] == {"flip": True, "scales": [1.25], "reference_size": [48, 64]}
     assert result["miou"] == pytest.approx(meta["val"]["miou"], abs=1e-12)
     assert result["per_class_iou"] == pytest.approx(meta["val"]["per_class_iou"], abs=1e-12)
     from omniseg.predictor import load_predictor

@@ -24,7 +24,7 @@ def test_zoo_checkpoint_is_small_and_documents_itself():
     assert weights.stat().st_size <= 20 * 2**20
     meta = json.loads(weights.with_suffix(".json").read_text())
     assert meta["metrics"]["miou_shipped_default"] >= 74
-    assert meta["inference"] == {"flip": True, "scales": [1.5]}
+    assert meta["inference"] == {"flip": True, "scales": [1.5], "reference_size": [360, 480]}  # CamVid frames
     assert meta["training"]["command"].startswith("omniseg train")
 
 

@@ -40,7 +40,8 @@ def test_entry_is_float16_and_documents_itself(name):
     assert meta["name"] == name and meta["task"] == ENTRIES[name]
     assert [c["id"] for c in meta["categories"]] == LABEL_IDS
     assert meta["categories"] == cityscapes_panoptic_categories().to_dicts()
-    assert set(meta["inference"]) == {"flip", "scales"}
+    assert set(meta["inference"]) == {"flip", "scales", "reference_size"}
+    assert meta["inference"]["reference_size"] == [640, 1280]  # the frames the figures are measured on
     assert meta["val"], "the validation figure the entry was selected on"
     assert meta["recipe"]["data"]["val"]["split"] == "val"
     with safe_open(str(ZOO_DIR / f"{name}.safetensors"), "pt") as f:
