@@ -1,4 +1,4 @@
-"""The ``omniseg`` command: train, evaluate, segment, show, export."""
+"""The ``omniseg`` command: train, evaluate, segment, show, export, serve."""
 
 from __future__ import annotations
 
@@ -52,6 +52,11 @@ def _add_evaluate(sub) -> None:
         help="test-time scales, e.g. 1 1.25 1.5 (default: as the checkpoint records)",
     )  # fmt: skip
     p.add_argument("--crf", action="store_true", help="dense CRF refinement")
+    p.add_argument(
+        "--native-size", action="store_true",
+        help="run the model on each image as it is, however large (default: images with more than 1.25x "
+        "the pixels the model was trained at are run at that size and the result mapped back)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument(
         "--save", type=Path, default=None,
@@ -73,6 +78,11 @@ def _add_export(sub) -> None:
         "--figures", type=Path, nargs="*", default=[],
         help="figure files written by omniseg evaluate --save, recorded in the JSON",
     )  # fmt: skip
+    p.add_argument(
+        "--reference-size", default=None, metavar="HxW",
+        help="record the image size the model's test-time scales are relative to (checkpoints trained "
+        "before training recorded it), e.g. 640x1280",
+    )  # fmt: skip
 
 
 def _add_segment(sub) -> None:
@@ -92,6 +102,11 @@ def _add_segment(sub) -> None:
     p.add_argument("--task", default=None, help="which of the model's tasks (default: its first)")
     p.add_argument("--force", action="store_true", help="redo images whose outputs already exist")
     p.add_argument("--score-thresh", type=float, default=0.5, help="instance models and box detectors: keep detections scoring at least this")
+    p.add_argument(
+        "--native-size", action="store_true",
+        help="run the model on each image as it is, however large (default: images with more than 1.25x "
+        "the pixels the model was trained at are run at that size and the result mapped back)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
 
 
@@ -106,6 +121,21 @@ def _add_show(sub) -> None:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--view", choices=["semantic", "instance", "panoptic"], default="panoptic")
     p.add_argument("--out", type=Path, default=Path("show.png"))
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve models over HTTP: a JSON API and a web page")
+    p.add_argument(
+        "--model", action="append", default=None,
+        help="zoo name or checkpoint path; repeat to serve several (default: the shipped CamVid model)",
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=4, help="requests run together per model")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request may wait for a batch to fill")
+    p.add_argument("--max-in-flight", type=int, default=32, help="requests admitted at once; the rest get 503")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit in MB (413 above)")
+    p.add_argument("--max-megapixels", type=float, default=40.0, help="image size limit (413 above)")
 
 
 def parse_data_arg(text: str) -> dict:
@@ -184,6 +214,8 @@ def cmd_evaluate(args) -> int:
         if args.subset:
             spec["subset"] = args.subset
         predictor = load_predictor(args.checkpoint)
+        if args.native_size:
+            predictor.size_policy = "native"
         result, metric = evaluate_checkpoint(
             predictor, spec, task=args.task, metric=args.metric, flip=args.flip, scales=args.scales, crf=args.crf
         )
@@ -227,13 +259,22 @@ def cmd_segment(args) -> int:
     return segment_paths(
         args.input, args.out, model=args.model, task=args.task, crf=args.crf, flip=args.flip, scales=args.scales,
         force=args.force, device=args.device, score_thresh=args.score_thresh,
+        size_policy="native" if args.native_size else "reference",
     )
 
 
 def cmd_export(args) -> int:
     from omniseg.export import export_model
 
-    weights, meta = export_model(args.model, args.out, format=args.format, name=args.name, figures=args.figures)
+    reference = None
+    if args.reference_size:
+        try:
+            reference = [int(v) for v in args.reference_size.lower().split("x")]
+        except ValueError:
+            raise DataError(f"--reference-size {args.reference_size!r}: expected HxW, e.g. 640x1280") from None
+    weights, meta = export_model(
+        args.model, args.out, format=args.format, name=args.name, figures=args.figures, reference_size=reference
+    )
     print(f"wrote {weights} and {meta}")
     return 0
 
@@ -246,6 +287,21 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from omniseg.serve import Limits, serve
+    except ImportError as exc:
+        raise DataError(f"omniseg serve needs the serve extra ({exc}): pip install 'omniseg[serve]'") from None
+    from omniseg.predictor import DEFAULT_MODEL
+
+    limits = Limits(
+        max_bytes=int(args.max_body_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
+        max_in_flight=args.max_in_flight, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+    )  # fmt: skip
+    serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port, limits=limits)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omniseg", description=__doc__)
     parser.add_argument("--version", action="version", version=_version())
@@ -255,9 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_segment(sub)
     _add_show(sub)
     _add_export(sub)
+    _add_serve(sub)
     args = parser.parse_args(argv)
     handlers = {
         "train": cmd_train, "evaluate": cmd_evaluate, "segment": cmd_segment, "show": cmd_show, "export": cmd_export,
+        "serve": cmd_serve,
     }  # fmt: skip
     try:
         return handlers[args.command](args)

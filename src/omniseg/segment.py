@@ -39,6 +39,7 @@ def segment_paths(
     force: bool = False,
     device: str = "cpu",
     score_thresh: float = 0.5,
+    size_policy: str = "reference",
 ) -> int:
     """Segment one image or every image in a folder; returns a process exit code (0, or 1 if any failed).
 
@@ -66,6 +67,7 @@ def segment_paths(
     if not todo:
         return 0
     predictor = load_predictor(model or DEFAULT_MODEL, device=device)
+    predictor.size_policy = size_policy  # large photos: omniseg.inference.working_size
     task = task or predictor.task
     if task not in predictor.tasks:
         raise DataError(f"model {predictor.name} does {', '.join(predictor.tasks)} segmentation, not {task!r}")
