@@ -113,10 +113,7 @@ class Predictor:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
         original = image.shape[:2]
-        size = working_size(original, self.reference_size, policy=size_policy or self.size_policy)
-        if size != original:
-            # PIL's bilinear resize widens its kernel when shrinking (antialiased), unlike F.interpolate
-            image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+        image = self.working_image(image, size_policy=size_policy)
         x = to_model_input(image, mean=self.mean, std=self.std).unsqueeze(0).to(self.device)
         tta = self.test_time_augmentation(flip=flip, scales=scales)
         refine = (lambda outputs: crf_refine(image, outputs)) if crf else None
@@ -124,6 +121,17 @@ class Predictor:
             self.model, x, task=task or self.task, tta=tta, refine=refine, score_thresh=score_thresh
         )[0]
         return segments.resized(original)
+
+
+    def working_image(self, image: np.ndarray, *, size_policy: str | None = None) -> np.ndarray:
+        """``image`` as the model is run on it: scaled down to the reference size when it is much
+        larger (:func:`~omniseg.inference.working_size`), else unchanged; map the segments back
+        with ``segments.resized(image.shape[:2])``."""
+        size = working_size(image.shape[:2], self.reference_size, policy=size_policy or self.size_policy)
+        if size == tuple(image.shape[:2]):
+            return image
+        # PIL's bilinear resize widens its kernel when shrinking (antialiased), unlike F.interpolate
+        return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
 
 
 def crf_refine(image: np.ndarray, outputs: object) -> torch.Tensor:
