@@ -23,7 +23,8 @@ def output_paths(out_dir: Path, image_path: Path) -> tuple[Path, Path, Path]:
 
 def _png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
+    # zlib level 1: a 12-MP overlay encodes in a fraction of the default's time, ~10% larger
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

@@ -339,6 +339,13 @@ class Segments:
         ``searchsorted`` over the N sorted ids keeps the cost O(H*W*log N) with no big table.
         """
         assert self._id_map is not None
+        cached = getattr(self, "_index_cache", None)  # areas, boxes and segment JSON all need it; 12 MP costs ~1 s
+        if cached is not None:
+            return cached
+        self._index_cache = self._compute_index_map()
+        return self._index_cache
+
+    def _compute_index_map(self) -> np.ndarray:
         order = np.argsort(self.segment_ids, kind="stable")
         sorted_ids = self.segment_ids[order]
         if not len(sorted_ids):
