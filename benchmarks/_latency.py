@@ -26,6 +26,11 @@ def model_from_config(config: str | Path, **overrides: Any) -> torch.nn.Module:
     return optimize_for_inference(build_model(section).eval())
 
 
+def models_from_configs(configs: Mapping[str, tuple[str, dict]], **common: Any) -> dict[str, torch.nn.Module]:
+    """``{name: model_from_config(path, **common, **options)}`` for ``{name: (path, options)}``."""
+    return {name: model_from_config(path, **common, **options) for name, (path, options) in configs.items()}
+
+
 def trained_model(name_or_path: str | Path) -> torch.nn.Module:
     """A trained checkpoint or zoo entry, as ``omniseg segment`` runs it (optimised for inference)."""
     from omniseg.predictor import load_predictor

@@ -24,7 +24,7 @@ import argparse
 
 import torch
 
-from _latency import alternate, model_from_config, trained_model
+from _latency import alternate, models_from_configs, trained_model
 from omniseg.data.cityscapes_polygons import cityscapes_panoptic_categories
 from omniseg.inference import predict_segments
 
@@ -48,10 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     categories = cityscapes_panoptic_categories().to_dicts()
-    models = {
-        name: model_from_config(path, categories=categories, **options)
-        for name, (path, options) in CONFIGS.items()
-    }
+    models = models_from_configs(CONFIGS, categories=categories)
     if args.centermask:
         models["CenterMask"] = trained_model(args.centermask)
     if args.mask_rcnn:

@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-from _latency import alternate, model_from_config, peak_memory_mib
+from _latency import alternate, models_from_configs, peak_memory_mib
 from omniseg.data.cityscapes_polygons import cityscapes_panoptic_categories
 from omniseg.inference import predict_segments
 
@@ -44,10 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     categories = cityscapes_panoptic_categories().to_dicts()
-    models = {
-        name: model_from_config(path, categories=categories, **options)
-        for name, (path, options) in CONFIGS.items()
-    }
+    models = models_from_configs(CONFIGS, categories=categories)
     h, w = (int(v) for v in args.size.lower().split("x"))
     image = torch.randn(1, 3, h, w)
 

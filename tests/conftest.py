@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -26,3 +27,12 @@ def shared_data(name: str | None = None) -> Path:
 def shared_data_fixture() -> Path:
     """The ``../shared/data`` folder; skips the test when it is absent."""
     return shared_data()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (the machine is shared; tiny models gain nothing from two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
