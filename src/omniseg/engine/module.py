@@ -39,6 +39,7 @@ class SegmentationTask(L.LightningModule):
         poly_power: float = 0.9,
         tta: TestTimeAugmentation | None = None,
         schedule_seconds: float | None = None,
+        stop_step: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -55,6 +56,10 @@ class SegmentationTask(L.LightningModule):
         # training stops when they are spent, so a run on a busy or slow machine still ends its
         # schedule, and is validated, inside the budget instead of being cut mid-decay.
         self.schedule_seconds = float(schedule_seconds) if schedule_seconds else None
+        # A step budget (``train.max_steps``): the decay runs over it and training stops there
+        # through should_stop, so Lightning validates the final weights (its own max_steps stop
+        # mid-epoch does not), and rows of an experiment get equal work whatever the machine's load.
+        self.stop_step = stop_step if stop_step and stop_step > 0 else None
         self.train_seconds = 0.0
         self._batch_start: float | None = None
         self.metric: TaskMetric = metric_for_task(self.task, categories)
@@ -84,10 +89,11 @@ class SegmentationTask(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self._batch_start is not None:
             self.train_seconds += time.perf_counter() - self._batch_start
-        if self.schedule_seconds is not None:
-            self.log("train/seconds", self.train_seconds, on_step=True, on_epoch=False)
-            if self.train_seconds >= self.schedule_seconds:
-                self.trainer.should_stop = True  # Lightning then validates and ends the epoch
+        self.log("train/seconds", self.train_seconds, on_step=True, on_epoch=False)
+        if self.schedule_seconds is not None and self.train_seconds >= self.schedule_seconds:
+            self.trainer.should_stop = True  # Lightning then validates and ends the epoch
+        if self.stop_step is not None and self.global_step >= self.stop_step:
+            self.trainer.should_stop = True
 
     def schedule_progress(self, step: int) -> float:
         """Fraction of the decay done after warm-up: by steps, or by training seconds."""

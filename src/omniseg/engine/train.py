@@ -17,7 +17,8 @@ model whose builder takes ``categories`` gets the training set's table unless th
   ``out_dir``, ``seed``, ``devices``, ``num_nodes``, ``strategy``, ``task``, ``val_flip``,
   ``val_scales`` (test-time scales of validation, e.g. ``[1.5]`` for models trained on upscaled
   frames; ``val_scale`` is the one-scale form), ``precision``,
-  ``threads``, ``max_steps``, ``max_time`` (``"DD:HH:MM:SS"`` wall-clock limit), ``schedule_time``
+  ``threads``, ``max_steps`` (a step budget: the LR decays over it, then training stops and
+  validates), ``max_time`` (``"DD:HH:MM:SS"`` wall-clock limit), ``schedule_time``
   (a training-time budget, validation excluded: the LR decays over it, then training stops and
   validates — the way to end a schedule inside ``max_time`` on a machine of unknown speed).
 """
@@ -255,6 +256,8 @@ def build_training(config: dict) -> tuple[L.Trainer, SegmentationTask, DataLoade
     epochs = int(train_cfg.get("epochs", 10))
     devices = int(train_cfg.get("devices", 1))
     steps_per_epoch = max(len(train_loader) // devices, 1)
+    max_steps = int(train_cfg.get("max_steps", -1))
+    total_steps = epochs * steps_per_epoch if max_steps <= 0 else min(epochs * steps_per_epoch, max_steps)
     module = SegmentationTask(
         model,
         task=train_cfg.get("task"),
@@ -263,10 +266,11 @@ def build_training(config: dict) -> tuple[L.Trainer, SegmentationTask, DataLoade
         weight_decay=float(train_cfg.get("weight_decay", 1e-4)),
         backbone_lr_mult=float(train_cfg.get("backbone_lr_mult", 1.0)),
         warmup_steps=int(train_cfg.get("warmup_steps", 0)),
-        total_steps=epochs * steps_per_epoch,
+        total_steps=total_steps,
         poly_power=float(train_cfg.get("poly_power", 0.9)),
         tta=_validation_tta(train_cfg),
         schedule_seconds=_seconds(train_cfg.get("schedule_time")),
+        stop_step=max_steps,
     )
     # auto-numbered versions: a resumed run appends logs/version_N instead of overwriting history
     loggers: list = [CSVLogger(out_dir, name="logs")]
@@ -280,7 +284,7 @@ def build_training(config: dict) -> tuple[L.Trainer, SegmentationTask, DataLoade
     recipe = {"data": data_cfg, "train": train_cfg}
     trainer = L.Trainer(
         max_epochs=epochs,
-        max_steps=int(train_cfg.get("max_steps", -1)),
+        max_steps=-1,  # the module stops at train.max_steps, after which Lightning validates
         max_time=train_cfg.get("max_time"),  # "DD:HH:MM:SS": a hard wall-clock budget
         accelerator=train_cfg.get("accelerator", "auto"),
         devices=devices,
