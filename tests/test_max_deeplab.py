@@ -222,7 +222,7 @@ def test_pq_style_loss_formula_weights_and_stop_gradients():
     expected_class = (
         alpha * dice[0] * -math.log(cls[0][0])
         + alpha * dice[1] * -math.log(cls[1][1])
-        + (1 - alpha) * (1 - void_share) * -math.log(cls[2][2])  # "no object" is the last class
+        + (1 - alpha) * void_share * -math.log(cls[2][2])  # "no object" is the last class, weighted by void
     ) / 3  # mean over the N = 3 slots
     expected_dice = (cls[0][0] * (1 - dice[0]) + cls[1][1] * (1 - dice[1])) / 2  # mean over K = 2
     assert class_term.item() == pytest.approx(expected_class, rel=1e-5)
