@@ -86,7 +86,7 @@ def _add_export(sub) -> None:
 
 
 def _add_segment(sub) -> None:
-    p = sub.add_parser("segment", help="segment an image or every image in a folder")
+    p = sub.add_parser("segment", help="segment an image, a folder of images or a .txt list of image paths")
     p.add_argument("input", type=Path)
     p.add_argument("--model", default=None, help="zoo name or checkpoint path (default: the shipped CamVid model)")
     p.add_argument("--out", type=Path, default=Path("out"))
@@ -108,6 +108,31 @@ def _add_segment(sub) -> None:
         "the pixels the model was trained at are run at that size and the result mapped back)",
     )  # fmt: skip
     p.add_argument("--device", default="cpu")
+    _add_segment_batch(p)
+
+
+def _add_segment_batch(p) -> None:
+    """Options for large jobs: shards, output formats, progress, the Ray engine (omniseg.batch)."""
+    from omniseg.batch import OUTPUT_FORMATS
+
+    p.add_argument(
+        "--shard", default=None, metavar="I/N",
+        help="take part I of N (0 <= I < N), split by a hash of the file name: N jobs cover every image once",
+    )  # fmt: skip
+    p.add_argument(
+        "--outputs", default=None, metavar="LIST",
+        help="comma-separated formats (default: overlay,labels,json): "
+        + "; ".join(f"{k} = {v}" for k, v in OUTPUT_FORMATS.items()),
+    )  # fmt: skip
+    p.add_argument(
+        "--coco-images", type=Path, default=None, metavar="ANNOTATIONS.json",
+        help="COCO annotations whose images' file_name -> id give the image ids (default: the numeric file stem)",
+    )  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="print errors only")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: a pool of Ray Data actors")
+    p.add_argument("--address", default=None, help="--engine ray: the Ray cluster to join (e.g. auto); default: a local one")
+    p.add_argument("--workers", type=int, default=2, help="--engine ray: actors, each with its own model")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="--engine ray: CPUs and torch threads per actor")
 
 
 def _add_show(sub) -> None:
@@ -254,12 +279,16 @@ def _require(args, *names: str) -> None:
 
 
 def cmd_segment(args) -> int:
+    from omniseg.batch import parse_shard
     from omniseg.segment import segment_paths
 
     return segment_paths(
         args.input, args.out, model=args.model, task=args.task, crf=args.crf, flip=args.flip, scales=args.scales,
         force=args.force, device=args.device, score_thresh=args.score_thresh,
         size_policy="native" if args.native_size else "reference",
+        shard=parse_shard(args.shard) if args.shard else None, outputs=args.outputs, coco_images=args.coco_images,
+        quiet=args.quiet, engine=args.engine, address=args.address, workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
     )
 
 

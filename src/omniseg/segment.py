@@ -1,19 +1,18 @@
-"""``omniseg segment``: overlay PNG, label PNG and segments JSON for an image or a folder of images."""
+"""``omniseg segment``: overlay PNG, label PNG and segments JSON (and other formats, :mod:`omniseg.batch`)
+for an image, a folder of images or a manifest of image paths."""
 
 from __future__ import annotations
 
 import io
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from omniseg.io import IMAGE_SUFFIXES, DataError, atomic_write_bytes, list_images, load_image
-from omniseg.predictor import DEFAULT_MODEL, dump_json, load_predictor, segments_json
-from omniseg.structures import id_to_rgb
-from omniseg.visualize import VIEWS
+from omniseg.io import DataError
+from omniseg.predictor import DEFAULT_MODEL, load_predictor
 
 
 def output_paths(out_dir: Path, image_path: Path) -> tuple[Path, Path, Path]:
@@ -41,61 +40,68 @@ def segment_paths(
     device: str = "cpu",
     score_thresh: float = 0.5,
     size_policy: str = "reference",
+    shard: tuple[int, int] | None = None,
+    outputs: str | Sequence[str] | None = None,
+    coco_images: Path | None = None,
+    quiet: bool = False,
+    engine: str = "local",
+    address: str | None = None,
+    workers: int = 2,
+    threads_per_worker: int = 1,
 ) -> int:
-    """Segment one image or every image in a folder; returns a process exit code (0, or 1 if any failed).
+    """Segment one image, every image in a folder or in a ``.txt`` manifest; returns a process exit
+    code (0, or 1 if any image could not be read).
+
+    ``shard=(I, N)`` takes the I-th of N parts (by file name, :func:`omniseg.batch.select_shard`);
+    ``outputs`` picks the formats (:data:`omniseg.batch.OUTPUT_FORMATS`, default overlay, labels,
+    json); ``coco_images`` maps file names to COCO image ids; ``engine="ray"`` runs ``workers``
+    Ray Data actors of ``threads_per_worker`` CPUs (``address``: an existing cluster). Done images
+    are skipped unless ``force``; whole-job files are assembled at the end of every run.
 
     Instances and detections scoring below ``score_thresh`` are left out (a panoptic merge applies
     its own thresholds); the label PNG holds the category id of each pixel (255 = none), the
     overlay draws the task's view (a detector's boxes as instances); a panoptic result also gets
     ``{stem}_panoptic.png``, the COCO-panoptic id PNG whose ids are the JSON's segment ids.
     """
-    from omniseg.visualize import overlay
+    from omniseg import batch
 
-    input_path = Path(input_path)
-    if input_path.is_dir():
-        images = list_images(input_path)
-        if not images:
-            raise DataError(f"{input_path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    elif input_path.is_file():
-        images = [input_path]
-    else:
-        raise DataError(f"{input_path}: no such image or folder")
+    images = batch.select_shard(batch.collect_images(Path(input_path)), shard)
+    outputs = batch.parse_outputs(outputs)
+    out_dir = Path(out_dir)
+    checkpoint, name, categories = batch.model_metadata(model or DEFAULT_MODEL)
+    if engine == "ray":
+        model = str(checkpoint)  # absolute: Ray actors need not run in this working directory
+    if "cityscapes" in outputs:
+        batch.check_cityscapes_ids(categories, name)
+    spec = batch.JobSpec(
+        out_dir, outputs, task=task, crf=crf, flip=flip, scales=tuple(scales) if scales else None,
+        score_thresh=score_thresh, image_ids=batch.resolve_image_ids(images, outputs, coco_images),
+    )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in images if force or not all(o.is_file() for o in output_paths(out_dir, p))]
+    todo = [p for p in images if force or not batch.is_done(out_dir, p, outputs)]
     skipped = len(images) - len(todo)
-    if skipped:
+    if skipped and not quiet:
         print(f"skipping {skipped} image(s) already segmented in {out_dir} (use --force to redo)", file=sys.stderr)
-    if not todo:
-        return 0
-    predictor = load_predictor(model or DEFAULT_MODEL, device=device)
-    predictor.size_policy = size_policy  # large photos: omniseg.inference.working_size
-    task = task or predictor.task
-    if task not in predictor.tasks:
-        raise DataError(f"model {predictor.name} does {', '.join(predictor.tasks)} segmentation, not {task!r}")
-    view = task if task in VIEWS else "instance"  # a detector's boxes are drawn as instances
-    failed = []
-    for path in tqdm(todo, desc="segment", unit="img", disable=len(todo) == 1, file=sys.stderr):
-        try:
-            image = load_image(path)
-        except DataError as exc:
-            print(f"skipped: {exc}", file=sys.stderr)
-            failed.append(path)
-            continue
-        segments = predictor.predict(image, task=task, crf=crf, flip=flip, scales=scales, score_thresh=score_thresh)
-        overlay_path, labels_path, json_path = output_paths(out_dir, path)
-        labels = segments.to_semantic(void_value=255)
-        if labels.max(initial=0) > 255:
-            raise DataError(f"{path}: category ids above 255 do not fit a label PNG")
-        atomic_write_bytes(labels_path, _png_bytes(labels.astype(np.uint8)))
-        atomic_write_bytes(overlay_path, _png_bytes(overlay(image, segments, view=view)))
-        atomic_write_bytes(json_path, dump_json(segments_json(segments, image_path=str(path), model=predictor.name)).encode())
-        written = [overlay_path, labels_path, json_path]
-        if view == "panoptic":  # the COCO-panoptic PNG (R + 256 G + 256^2 B = the JSON's segment ids)
-            id_map, _ = segments.to_panoptic()
-            written.append(out_dir / f"{path.stem}_panoptic.png")
-            atomic_write_bytes(written[-1], _png_bytes(id_to_rgb(id_map)))
-        if len(todo) == 1:
-            print("wrote " + ", ".join(map(str, written)))
+    failed: list[Path] = []
+    if todo:
+
+        def load():  # in this process, or once in each Ray actor
+            predictor = load_predictor(model or DEFAULT_MODEL, device=device)
+            predictor.size_policy = size_policy  # large photos: omniseg.inference.working_size
+            return predictor
+
+        progress = batch.Progress(len(todo), quiet=quiet, skipped=skipped)
+        if engine == "ray":
+            failed = batch.run_ray(
+                load, todo, spec, progress, address=address, workers=workers, threads_per_worker=threads_per_worker
+            )
+        elif engine == "local":
+            failed = batch.run_local(load(), todo, spec, progress)
+        else:
+            raise DataError(f"--engine {engine!r}: expected local or ray")
+        progress.close()
+    # every run, even one with nothing left to do, leaves complete whole-job files
+    batch.assemble(out_dir, images, outputs, categories=categories, shard=shard)
     if failed:
         print(f"{len(failed)} of {len(todo)} image(s) could not be read and were skipped", file=sys.stderr)
         return 1
