@@ -66,12 +66,22 @@ def test_train_writes_checkpoint_logs_and_curve(tmp_path):
     assert (out / "logs" / "version_0" / "metrics.csv").read_text().count("\n") > 2
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    from omniseg.engine.module import SegmentationTask
+
     straight = train(_config(tmp_path / "a", epochs=2))
-    # the same run, killed after its first epoch (2 steps), then resumed
-    first = _config(tmp_path / "b", epochs=2, max_steps=2)
-    train(first)
-    first["train"]["max_steps"] = -1
+    # the same run, stopped after its first epoch (2 steps) with its 2-epoch schedule unchanged
+    # (train.max_steps would shorten the schedule itself), then resumed
+    first = _config(tmp_path / "b", epochs=2)
+    batch_end = SegmentationTask.on_train_batch_end
+
+    def stop_after_two_steps(self, outputs, batch, batch_idx):
+        batch_end(self, outputs, batch, batch_idx)
+        self.trainer.should_stop = self.global_step >= 2
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SegmentationTask, "on_train_batch_end", stop_after_two_steps)
+        train(first)
     resumed = train(first, resume=True)
     a = torch.load(straight / "last.ckpt", weights_only=False)["state_dict"]
     b = torch.load(resumed / "last.ckpt", weights_only=False)["state_dict"]
