@@ -44,10 +44,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from omniseg.batch import png_bytes
 from omniseg.data.transforms import to_model_input
 from omniseg.inference import predict_segments
 from omniseg.predictor import Predictor, load_predictor, segments_json
-from omniseg.segment import _png_bytes
 from omniseg.structures import Segments
 from omniseg.visualize import VIEWS, overlay, present_categories
 
@@ -341,7 +341,7 @@ def _parse_fraction(name: str, value: str) -> float:
 def _overlay_payload(image: np.ndarray, segments: Segments, view: str, alpha: float, legend: bool) -> dict:
     drawn = overlay(image, segments, view=view, alpha=alpha, legend=legend)
     return {
-        "png_base64": base64.b64encode(_png_bytes(drawn)).decode("ascii"),
+        "png_base64": base64.b64encode(png_bytes(drawn)).decode("ascii"),
         "width": int(drawn.shape[1]),
         "height": int(drawn.shape[0]),
         "view": view,
