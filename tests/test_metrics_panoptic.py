@@ -40,14 +40,19 @@ def _check_expected(result: dict, expected: dict) -> None:
 def test_fixture_equals_official_numbers(workers: int) -> None:
     gt_json, gt_dir, pred_json, pred_dir = _fixture()
     expected = json.loads((gt_json.parent / "EXPECTED.json").read_text())
-    _check_expected(evaluate_panoptic_files(gt_json, gt_dir, pred_json, pred_dir, workers=workers), expected)
+    _check_expected(
+        evaluate_panoptic_files(gt_json, gt_dir, pred_json, pred_dir, workers=workers, engine="omniseg"),
+        expected,
+    )
 
 
 def test_workers_are_spawn_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     gt_json, gt_dir, pred_json, pred_dir = _fixture()
     expected = json.loads((gt_json.parent / "EXPECTED.json").read_text())
     monkeypatch.setattr(metric_files, "START_METHOD", "spawn")
-    _check_expected(evaluate_panoptic_files(gt_json, gt_dir, pred_json, pred_dir, workers=2), expected)
+    _check_expected(
+        evaluate_panoptic_files(gt_json, gt_dir, pred_json, pred_dir, workers=2, engine="omniseg"), expected
+    )
 
 
 def _fixture_images() -> tuple[CategoryTable, list[tuple[np.ndarray, list, np.ndarray, list]]]:
@@ -363,6 +368,7 @@ def test_errors_from_worker_processes_name_the_file(fixture_copy: Path) -> None:
             fixture_copy / "coco_pred.json",
             fixture_copy / "coco_pred",
             workers=2,
+            engine="omniseg",  # the worker pool itself, not the hotcoco path
         )
 
 

@@ -42,19 +42,12 @@ from omniseg.io import (
     load_image,
     load_json,
 )
+from omniseg.output_formats import OUTPUT_FORMATS
 
 if TYPE_CHECKING:
     from omniseg.predictor import Predictor
     from omniseg.structures import CategoryTable, Segments
 
-OUTPUT_FORMATS = {
-    "overlay": "{stem}_overlay.png: the image with the segments drawn over it",
-    "labels": "{stem}_labels.png: category id per pixel (255 = none)",
-    "json": "{stem}.json: segments with RLE masks (+ {stem}_panoptic.png for a panoptic model)",
-    "coco": "coco_results.json: COCO instance results (image_id, category_id, RLE, bbox, score)",
-    "panoptic": "panoptic/{stem}.png + panoptic.json: COCO panoptic format",
-    "cityscapes": "{stem}_labelIds.png: Cityscapes labelIds (0 = unlabeled), Cityscapes models only",
-}
 DEFAULT_OUTPUTS = ("overlay", "labels", "json")  # what omniseg segment has always written
 PARTS = "parts"  # OUT/parts/{coco,panoptic}/{stem}.json: the per-image fragments of whole-job files
 

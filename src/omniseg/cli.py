@@ -113,7 +113,7 @@ def _add_segment(sub) -> None:
 
 def _add_segment_batch(p) -> None:
     """Options for large jobs: shards, output formats, progress, the Ray engine (omniseg.batch)."""
-    from omniseg.batch import OUTPUT_FORMATS
+    from omniseg.output_formats import OUTPUT_FORMATS
 
     p.add_argument(
         "--shard", default=None, metavar="I/N",
@@ -135,11 +135,14 @@ def _add_segment_batch(p) -> None:
     p.add_argument("--threads-per-worker", type=int, default=1, help="--engine ray: CPUs and torch threads per actor")
 
 
-def _add_show(sub) -> None:
-    from omniseg.data.registry import formats_help
+def _add_show(sub, *, with_formats: bool) -> None:
+    epilog = None
+    if with_formats:  # the formats list imports every dataset reader (~30 ms): only `omniseg show` needs it
+        from omniseg.data.registry import formats_help
 
+        epilog = formats_help()
     p = sub.add_parser(
-        "show", help="draw a dataset sample's ground truth", epilog=formats_help(),
+        "show", help="draw a dataset sample's ground truth", epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("data", help="FORMAT:ROOT[:SPLIT] (formats below), e.g. camvid:../shared/data/camvid:train")
@@ -332,13 +335,14 @@ def cmd_serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="omniseg", description=__doc__)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
     _add_segment(sub)
-    _add_show(sub)
+    _add_show(sub, with_formats=argv[:1] == ["show"])
     _add_export(sub)
     _add_serve(sub)
     args = parser.parse_args(argv)

@@ -29,12 +29,14 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from omniseg.errors import DataError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 try:  # libspng decodes COCO panoptic PNGs ~1.9x faster than Pillow; Pillow remains the fallback
     import pyspng
@@ -154,6 +156,8 @@ _UNREADABLE = {"image": "not a readable image", "PNG": "cannot decode PNG"}
 
 def _open(path: Path, kind: str) -> Image.Image:
     """Open and fully decode ``path``; every failure is a DataError (``kind``: "image" or "PNG")."""
+    from PIL import Image  # lazily: Pillow's import is ~10 ms of `omniseg evaluate` start-up, unused there
+
     if not path.is_file():
         raise DataError(f"{path}: {'should be a file but is a folder' if path.is_dir() else 'file not found'}")
     try:
@@ -185,6 +189,8 @@ def load_image(path: PathLike) -> np.ndarray:
 
     Grey images are expanded to RGB; transparent ones (RGBA, LA, palette) are composed on black.
     """
+    from PIL import Image, ImageOps
+
     path = Path(path)
     with _open(path, "image") as image:
         try:

@@ -151,12 +151,15 @@ def evaluate_panoptic_files(
     pred_dir: PathLike,
     *,
     workers: int | None = None,
+    engine: str = "auto",
 ) -> dict[str, Any]:
     """PQ/SQ/RQ of COCO panoptic predictions against ground truth, as panopticapi ``pq_compute``.
 
     Annotations are paired by ``image_id``; every ground-truth image needs a prediction.
-    ``workers``: processes to use (default: all cores, but one process for small sets);
-    images are split into chunks whose accumulators are merged.
+    ``engine``: ``"hotcoco"`` (hotcoco's ``PanopticEval``, Rust, multi-threaded), ``"omniseg"``
+    (:class:`PanopticQuality` over ``workers`` processes) or ``"auto"``: hotcoco, else omniseg.
+    ``workers`` (omniseg engine): processes to use (default: all cores, but one process for
+    small sets); images are split into chunks whose accumulators are merged.
 
     Returns ``{"All"|"Things"|"Stuff": {"pq","sq","rq","n"}, "per_class": {"<cat id>": {"pq","sq","rq"}}}``.
     """
@@ -190,6 +193,69 @@ def evaluate_panoptic_files(
         )
     pairs = [(a, by_image[a["image_id"]]) for a in gt_anns]
 
+    if engine not in ("auto", "hotcoco", "omniseg"):
+        raise ValueError(f"unknown panoptic engine {engine!r}")
+    if engine == "auto" and _duplicate_segment_ids(pairs):
+        engine = "omniseg"  # hotcoco would silently keep one entry; ours names the file and id
+    if engine != "omniseg":
+        try:
+            return _hotcoco_panoptic(gt_data, pred_data, gt_dir, pred_dir, categories)
+        except ImportError:
+            if engine == "hotcoco":
+                raise
+        except Exception:
+            # hotcoco is the fast path, proven identical to panopticapi (tests/test_eval_speed_paths.py),
+            # but it is optional and its errors name no file: on any failure our own implementation
+            # re-runs the images, and either gives the same numbers or raises an EvaluationError
+            # naming the file and the problem
+            if engine == "hotcoco":
+                raise
+    return _omniseg_panoptic(pairs, gt_json, gt_dir, pred_json, pred_dir, categories, workers)
+
+
+def _duplicate_segment_ids(pairs: list[tuple[dict, dict]]) -> bool:
+    for gt_ann, pred_ann in pairs:
+        for ann in (gt_ann, pred_ann):
+            ids = [s["id"] for s in ann["segments_info"]]
+            if len(set(ids)) != len(ids):
+                return True
+    return False
+
+
+def _hotcoco_panoptic(
+    gt_data: dict, pred_data: dict, gt_dir: Path, pred_dir: Path, categories: CategoryTable
+) -> dict[str, Any]:
+    """PQ by hotcoco's PanopticEval, in our result layout."""
+    from hotcoco import panoptic  # lazily: only panoptic file evaluation needs it
+
+    evaluator = panoptic.PanopticEval(gt_data, pred_data, gt_folder=str(gt_dir), pred_folder=str(pred_dir))
+    evaluator.evaluate()
+    raw = evaluator.results()
+    result: dict[str, Any] = {}
+    for group in ("All", "Things", "Stuff"):
+        r = raw[group]
+        n = int(r["n"])
+        # an empty group reports zeros, as PanopticQuality.compute does (panopticapi divides by 0)
+        result[group] = {k: float(r[k]) if n else 0.0 for k in ("pq", "sq", "rq")} | {"n": n}
+    per_class = {str(k): v for k, v in raw.get("per_class", {}).items()}  # keys are ints
+    # hotcoco reports -1 for a category with no segment on either side; panopticapi reports 0
+    result["per_class"] = {
+        str(c.id): {k: max(0.0, float(per_class.get(str(c.id), {}).get(k, 0.0))) for k in ("pq", "sq", "rq")}
+        for c in categories
+    }
+    return result
+
+
+def _omniseg_panoptic(
+    pairs: list[tuple[dict, dict]],
+    gt_json: Path,
+    gt_dir: Path,
+    pred_json: Path,
+    pred_dir: Path,
+    categories: CategoryTable,
+    workers: int | None,
+) -> dict[str, Any]:
+    """PQ by :class:`PanopticQuality`, over ``workers`` processes."""
     if workers is None:
         workers = min(_cpu_count(), len(pairs) // _MIN_IMAGES_PER_WORKER)
     workers = max(1, min(int(workers), len(pairs)))
@@ -336,7 +402,8 @@ def evaluate_instance_files(gt_json: PathLike, pred_json: PathLike) -> dict[str,
         raise EvaluationError(f"{pred_json}: expected a COCO results list of detections")
     images = {im["id"]: im for im in gt["images"]}
     cat_ids = {c["id"] for c in gt["categories"]}
-    checked = []
+    checked: list[dict] = []
+    boxless: list[dict] = []  # detections with a mask and no box: the box comes from the mask
     for i, r in enumerate(results):
         if not isinstance(r, dict) or not {"image_id", "category_id", "score"} <= r.keys():
             raise EvaluationError(f"{pred_json}: detection #{i} lacks 'image_id', 'category_id' or 'score'")
@@ -355,10 +422,17 @@ def evaluate_instance_files(gt_json: PathLike, pred_json: PathLike) -> dict[str,
                 r["segmentation"], im["height"], im["width"], pred_json, f"detection #{i}"
             )
             if "bbox" not in r:
-                r["bbox"] = [float(v) for v in mask_utils.toBbox(r["segmentation"])]
+                boxless.append(r)
         elif "bbox" not in r:
             raise EvaluationError(f"{pred_json}: detection #{i} has neither 'segmentation' nor 'bbox'")
         checked.append(r)
+    if boxless:  # one call for all masks: toBbox per detection costs more than the conversion
+        try:
+            boxes = mask_utils.toBbox([r["segmentation"] for r in boxless]).tolist()
+        except Exception as e:  # malformed RLE counts / size
+            raise EvaluationError(f"{pred_json}: a detection has a malformed segmentation ({e})") from None
+        for r, box in zip(boxless, boxes, strict=True):
+            r["bbox"] = box
     out: dict[str, dict[str, float]] = {}
     if all("segmentation" in r for r in checked):
         out["segm"] = coco_evaluate(gt, results_for("segm", checked), "segm")
