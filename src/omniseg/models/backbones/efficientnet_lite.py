@@ -43,6 +43,7 @@ from omniseg.models.backbones import (
     register_backbone,
 )
 from omniseg.models.layers import AtrousDepthwiseConv2d, ConvBNAct, ConvFn
+from omniseg.models.layers.conv import tracing
 
 # The weights were trained in TF: BN epsilon 1e-3 (a different eps changes every output) and decay 0.99,
 # which is PyTorch momentum 0.01.
@@ -93,8 +94,22 @@ class Conv2dSame(nn.Conv2d):
         """Total TF "SAME" padding (rows, columns) for an input of this size."""
         return self._pad(height, 0), self._pad(width, 1)
 
+    def _symbolic_pad(self, size, dim: int):
+        # (k-1)d + 1 >= stride for every conv built here, so the total is never negative and needs
+        # no max(): the same value as _pad, as arithmetic that a graph export keeps symbolic
+        stride, dilation, kernel = self.stride[dim], self.dilation[dim], self.kernel_size[dim]
+        return (kernel - 1) * dilation + 1 - stride + (-size) % stride
+
     def run_conv(self, x: Tensor, conv_fn: ConvFn) -> Tensor:
         """The conv through ``conv_fn(x, padding, dilation)`` (see :func:`omniseg.models.layers.run_conv`)."""
+        if tracing() and all(
+            (k - 1) * d + 1 >= s for k, d, s in zip(self.kernel_size, self.dilation, self.stride, strict=True)
+        ):
+            # an exported graph pads explicitly, by amounts computed from its input's shape: one
+            # graph for every input size (the branch below would fix them at the traced size)
+            pad_h, pad_w = self._symbolic_pad(x.shape[-2], 0), self._symbolic_pad(x.shape[-1], 1)
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+            return conv_fn(x, (0, 0), self.dilation)
         pad_h, pad_w = self.same_padding(*x.shape[-2:])
         if pad_h % 2 or pad_w % 2:
             x = F.pad(x, [0, pad_w % 2, 0, pad_h % 2])
@@ -162,7 +177,12 @@ class MBConv(nn.Module):
         self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training and isinstance(self.depthwise[0], Conv2dSame) and isinstance(self.expand, ConvBNAct):
+        if (
+            not self.training
+            and isinstance(self.depthwise[0], Conv2dSame)
+            and isinstance(self.expand, ConvBNAct)
+            and not tracing()  # its padding depends on the input size: a graph keeps the plain path
+        ):
             hidden = self._expand_padded(x)
         else:
             hidden = self.depthwise(self.expand(x))

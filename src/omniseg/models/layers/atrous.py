@@ -180,4 +180,6 @@ class AtrousDepthwiseConv2d(nn.Conv2d):
         return out if out is not None else _shifted_depthwise(x, weight, bias, self.dilation[0])
 
     def forward(self, x: Tensor) -> Tensor:
+        if tracing():  # an exported graph holds the one standard dilated conv, valid at any input size
+            return super().forward(x)
         return self.conv_with_weights(x, self.weight, self.bias)

@@ -30,7 +30,7 @@ __all__ = [
 
 def tracing() -> bool:
     """Whether a graph is being captured (tracing, ``torch.compile``): exported graphs hold standard ops."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 # conv_fn(x, padding, dilation) -> output: "run this layer's convolution (weights, stride, groups
