@@ -17,8 +17,9 @@ __all__ = [
 ]
 
 
-def load(name_or_path: str = "camvid-deeplabv3plus-lite0", *, device: str = "cpu"):
-    """Load a model by zoo name or checkpoint path; returns a :class:`omniseg.predictor.Predictor`."""
+def load(name_or_path: str = "camvid-deeplabv3plus-lite0", *, device: str = "cpu", runtime: str = "auto"):
+    """Load a model by zoo name or checkpoint path, or an ``omniseg export --format onnx|openvino``
+    folder (run by its runtime); returns a :class:`omniseg.predictor.Predictor`."""
     from omniseg.predictor import load_predictor
 
-    return load_predictor(name_or_path, device=device)
+    return load_predictor(name_or_path, device=device, runtime=runtime)

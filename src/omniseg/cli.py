@@ -71,8 +71,12 @@ def _add_export(sub) -> None:
         description="Package a checkpoint for shipping. The zoo entries are rebuilt with this command.",
     )  # fmt: skip
     p.add_argument("--model", required=True, help="zoo name or checkpoint path (e.g. runs/x/best)")
-    p.add_argument("--format", default="safetensors", choices=["safetensors"])
-    p.add_argument("--out", type=Path, required=True, help="folder to write NAME.safetensors and NAME.json into")
+    p.add_argument(
+        "--format", default="safetensors", choices=["safetensors", "onnx", "openvino"],
+        help="safetensors: NAME.safetensors + NAME.json (the zoo format); onnx: DIR/model.onnx + model.json; "
+        "openvino: also DIR/model.xml + model.bin (semantic models only)",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="folder to write the exported files into")
     p.add_argument("--name", default=None, help="the exported model's name (default: the checkpoint's file stem)")
     p.add_argument(
         "--figures", type=Path, nargs="*", default=[],
@@ -108,6 +112,11 @@ def _add_segment(sub) -> None:
         "the pixels the model was trained at are run at that size and the result mapped back)",
     )  # fmt: skip
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--runtime", choices=["auto", "eager", "onnx", "openvino"], default="auto",
+        help="onnx / openvino: --model is a folder written by omniseg export --format onnx / openvino; "
+        "auto (default): such a folder's own format, else eager PyTorch",
+    )  # fmt: skip
     _add_segment_batch(p)
 
 
@@ -291,7 +300,7 @@ def cmd_segment(args) -> int:
         size_policy="native" if args.native_size else "reference",
         shard=parse_shard(args.shard) if args.shard else None, outputs=args.outputs, coco_images=args.coco_images,
         quiet=args.quiet, engine=args.engine, address=args.address, workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
+        threads_per_worker=args.threads_per_worker, runtime=args.runtime,
     )
 
 

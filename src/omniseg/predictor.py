@@ -144,7 +144,19 @@ def crf_refine(image: np.ndarray, outputs: object) -> torch.Tensor:
     return prob.clamp_min(torch.finfo(torch.float32).tiny).log()[None].to(outputs.device)
 
 
-def load_predictor(name_or_path: str | Path = DEFAULT_MODEL, *, device: str = "cpu") -> Predictor:
+def load_predictor(name_or_path: str | Path = DEFAULT_MODEL, *, device: str = "cpu", runtime: str = "auto") -> Predictor:
+    """A Predictor for a zoo name or checkpoint (``runtime="eager"``), or for a folder written by
+    ``omniseg export --format onnx|openvino`` run by onnxruntime / OpenVINO (``runtime="onnx"`` /
+    ``"openvino"``; ``"auto"``: the folder's own format): the same pre-processing, test-time
+    settings and ``post_process`` either way."""
+    if runtime == "auto":
+        from omniseg.runtime import choose_runtime
+
+        runtime = choose_runtime(name_or_path, runtime)
+    if runtime != "eager":
+        from omniseg.runtime import load_exported
+
+        return load_exported(name_or_path, runtime=runtime, device=device)
     path = resolve_checkpoint(name_or_path)
     model, meta = load_model(path, device=device)
     optimize_for_inference(model)  # the fast CPU paths; the same function up to float rounding

@@ -32,6 +32,7 @@ def segment_paths(
     address: str | None = None,
     workers: int = 2,
     threads_per_worker: int = 1,
+    runtime: str = "auto",
 ) -> int:
     """Segment one image, every image in a folder or in a ``.txt`` manifest; returns a process exit
     code (0, or 1 if any image could not be read).
@@ -39,7 +40,9 @@ def segment_paths(
     ``shard=(I, N)`` takes the I-th of N parts (by file name, :func:`omniseg.batch.select_shard`);
     ``outputs`` picks the formats (:data:`omniseg.batch.OUTPUT_FORMATS`, default overlay, labels,
     json); ``coco_images`` maps file names to COCO image ids; ``engine="ray"`` runs ``workers``
-    Ray Data actors of ``threads_per_worker`` CPUs (``address``: an existing cluster). Done images
+    Ray Data actors of ``threads_per_worker`` CPUs (``address``: an existing cluster). ``runtime``
+    ``"onnx"``/``"openvino"`` runs the export folder ``model`` (:mod:`omniseg.runtime`; ``"auto"``:
+    the folder's own format, eager for a zoo name or checkpoint). Done images
     are skipped unless ``force``; whole-job files are assembled at the end of every run.
 
     Instances and detections scoring below ``score_thresh`` are left out (a panoptic merge applies
@@ -52,7 +55,17 @@ def segment_paths(
     images = batch.select_shard(batch.collect_images(Path(input_path)), shard)
     outputs = batch.parse_outputs(outputs)
     out_dir = Path(out_dir)
-    checkpoint, name, categories = batch.model_metadata(model or DEFAULT_MODEL)
+    from omniseg.runtime import choose_runtime
+
+    runtime = choose_runtime(model, runtime)
+    if runtime == "eager":
+        checkpoint, name, categories = batch.model_metadata(model or DEFAULT_MODEL)
+    else:
+        from omniseg.runtime import exported_metadata
+
+        if model is None:
+            raise DataError(f"--runtime {runtime} needs --model DIR, a folder written by omniseg export --format {runtime}")
+        checkpoint, name, categories = exported_metadata(model, runtime)
     if engine == "ray":
         model = str(checkpoint)  # absolute: Ray actors need not run in this working directory
     if "cityscapes" in outputs:
@@ -70,7 +83,7 @@ def segment_paths(
     if todo:
 
         def load():  # in this process, or once in each Ray actor
-            predictor = load_predictor(model or DEFAULT_MODEL, device=device)
+            predictor = load_predictor(model or DEFAULT_MODEL, device=device, runtime=runtime)
             predictor.size_policy = size_policy  # large photos: omniseg.inference.working_size
             return predictor
 
