@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from _startup import compile_package
+
 WIDTH, HEIGHT = 640, 480
 CATEGORY_IDS = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89]
 
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="best of N rounds (rows interleaved per round)")
     args = parser.parse_args(argv)
 
+    compile_package()  # the CLI starts as an installed copy does (benchmarks/_startup.py)
     with tempfile.TemporaryDirectory(prefix="omniseg_ap_") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from _startup import compile_package
 from omniseg.metrics import evaluate_panoptic_files
 from omniseg.metrics.files import read_panoptic_png
 from omniseg.structures import id_to_rgb
@@ -365,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, default=None, help="write the data here and keep it")
     args = parser.parse_args(argv)
 
+    compile_package()  # the CLI starts as an installed copy does (benchmarks/_startup.py)
     with tempfile.TemporaryDirectory(prefix="omniseg_pq_") as tmp:
         root = args.keep or Path(tmp)
         start = time.perf_counter()

@@ -41,11 +41,15 @@ GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 OPSET = 18
 # models whose raw output is one dense logits tensor at the input size: one graph, any H x W
 GRAPH_EXPORTABLE = ("deeplabv1", "deeplabv2", "deeplabv3", "deeplabv3plus")
+_TWO_STAGE = (
+    "its raw outputs are score-filtered, variable-length detections whose RoI heads, NMS and mask "
+    "pasting run data-dependent Python around the network"
+)
 _WHY_NOT = {
-    name: "its raw outputs are score-filtered, variable-length detections whose RoI heads, NMS and "
-    "mask pasting run data-dependent Python around the network; export the weights with "
-    "--format safetensors"
-    for name in ("mask_rcnn", "mask_x_rcnn", "panoptic_fpn", "retinanet", "centermask")
+    **dict.fromkeys(("mask_rcnn", "mask_x_rcnn", "panoptic_fpn", "centermask"), _TWO_STAGE),
+    "retinanet": "its raw output in this version is the NMS-filtered detection list (decoding, top-k "
+    "and NMS run in Python inside forward); a graph of the dense head with decoding outside it is "
+    "not built yet",
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 # what a zoo JSON keeps from a training run's best.json besides model + categories
@@ -181,7 +185,8 @@ def export_graph(
     if config_name not in GRAPH_EXPORTABLE:
         why = _WHY_NOT.get(config_name, "only models whose raw output is dense logits export to a graph")
         raise CheckpointError(
-            f"{path.name}: a {config_name} model cannot be exported to {format}: {why}. "
+            f"{path.name}: a {config_name} model cannot be exported to {format}: {why}; export its "
+            "weights with --format safetensors. "
             f"Graph-exportable models: {', '.join(GRAPH_EXPORTABLE)}"
         )
     model, meta = load_model(path)  # the plain eager model: no inference rewrites (omniseg.optimize)
