@@ -173,3 +173,51 @@ def test_an_export_folder_loads_by_its_own_format(exported):
     assert not isinstance(eager.model, GraphModel)
     a, b = predictor.predict(image, flip=False, scales=[1.0]), eager.predict(image, flip=False, scales=[1.0])
     assert np.array_equal(a.to_semantic(), b.to_semantic()) and len(np.unique(a.to_semantic())) >= 4
+
+
+@pytest.fixture(scope="module")
+def retinanet_export(tmp_path_factory):
+    """A RetinaNet (ImageNet backbone, its class logits widened so that scores spread over (0, 1)
+    and real frames give dozens of detections) saved as a checkpoint and exported to ONNX."""
+    from omniseg.checkpoint import save_checkpoint
+    from omniseg.export import export_graph
+    from omniseg.models import build_model
+    from omniseg.structures import CategoryTable
+
+    tmp = tmp_path_factory.mktemp("retinanet")
+    torch.manual_seed(0)
+    categories = CategoryTable.from_dicts([{"id": i + 1, "name": f"class{i}", "isthing": True} for i in range(5)])
+    config = {"name": "retinanet", "backbone": "efficientnet_lite0", "pretrained_backbone": True, "num_classes": 6,
+              "min_size": None, "fpn_channels": 64, "topk_candidates": 100, "detections_per_img": 50}  # fmt: skip
+    model = build_model(config).eval()
+    with torch.no_grad():
+        model.head.classification_head.cls_logits.weight.normal_(0, 0.05)
+        model.head.classification_head.cls_logits.bias.fill_(-2.0)
+    save_checkpoint(tmp / "best", model, model_config=config, categories=categories, extra={"task": "detection"})
+    export_graph(tmp / "best", tmp / "onnx", format="onnx")
+    return tmp / "onnx", model
+
+
+def test_retinanet_graph_gives_eager_detections_on_real_frames(retinanet_export):
+    from omniseg.runtime import load_exported
+
+    out, model = retinanet_export
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["outputs"] == ["cls_logits", "bbox_regression"] and meta["input"]["size_multiple"] == 32
+    graph = load_exported(out, runtime="onnx").model
+    frames = [_frames()[0]]  # the CamVid frame (360x480: padded to 384x480), and a COCO photo if present
+    from conftest import SHARED_DATA
+
+    coco = sorted((SHARED_DATA / "coco128_seg" / "images").rglob("*.jpg"))
+    frames.append(np.asarray(Image.open(coco[3]).convert("RGB")) if coco else frames[0][:300, :400].copy())
+    for image in frames:
+        x = _normalised([image])
+        with torch.no_grad():
+            dense = model.dense_network()(F.pad(x, (0, -x.shape[3] % 32, 0, -x.shape[2] % 32)))
+            eager = model(x)[0]
+        run = graph.run_graph(F.pad(x, (0, -x.shape[3] % 32, 0, -x.shape[2] % 32)))
+        assert all((a - b).abs().max().item() < 1e-4 for a, b in zip(run, dense, strict=True))
+        ours = graph(x)[0]
+        assert len(eager["boxes"]) >= 10 and torch.equal(ours["labels"], eager["labels"])
+        assert (ours["boxes"] - eager["boxes"]).abs().max().item() < 1e-3
+        assert (ours["scores"] - eager["scores"]).abs().max().item() < 1e-5

@@ -74,7 +74,7 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--format", default="safetensors", choices=["safetensors", "onnx", "openvino"],
         help="safetensors: NAME.safetensors + NAME.json (the zoo format); onnx: DIR/model.onnx + model.json; "
-        "openvino: also DIR/model.xml + model.bin (semantic models only)",
+        "openvino: also DIR/model.xml + model.bin (the semantic models and RetinaNet)",
     )  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="folder to write the exported files into")
     p.add_argument("--name", default=None, help="the exported model's name (default: the checkpoint's file stem)")

@@ -7,13 +7,15 @@ measured for it (the records ``omniseg evaluate --save`` writes). The zoo entrie
 by path, or by name once ``--out`` is the package's zoo folder.
 
 ``--format onnx`` writes ``DIR/model.onnx`` + ``DIR/model.json`` (:data:`GRAPH_META`): a float32
-graph ``images (N, 3, H, W) -> logits (N, C, H, W)`` for any N, H and W (``torch.export`` with
-dynamic dimensions, through ``torch.onnx.export``), and what running it needs: normalisation,
-categories, the recorded test-time settings, and the model config whose ``post_process`` turns
-logits into segments. ``--format openvino`` also converts that graph to ``DIR/model.xml`` +
-``.bin``. :mod:`omniseg.runtime` runs both (``omniseg segment --runtime onnx|openvino``). The
-semantic models export (:data:`GRAPH_EXPORTABLE`); the detectors do not, for the reason
-:func:`export_graph` gives.
+graph for any batch size, height and width (``torch.export`` with dynamic dimensions, through
+``torch.onnx.export``) — for the semantic models ``images (N, 3, H, W) -> logits (N, C, H, W)``,
+for RetinaNet its network alone (``images`` padded to multiples of 32 -> ``cls_logits``,
+``bbox_regression``; anchors, decoding and NMS stay outside) — and what running it needs:
+normalisation, categories, the recorded test-time settings, and the model config whose
+``post_process`` turns the outputs into segments. ``--format openvino`` also converts that graph
+to ``DIR/model.xml`` + ``.bin``. :mod:`omniseg.runtime` runs both (``omniseg segment --runtime
+onnx|openvino``). :data:`GRAPH_OUTPUTS` lists the models that export; the others get the reason
+from :func:`export_graph`.
 """
 
 from __future__ import annotations
@@ -39,18 +41,19 @@ EXPORT_FORMATS = ("safetensors", "onnx", "openvino")
 GRAPH_META = "model.json"  # beside model.onnx (and model.xml) in a graph export folder
 GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 OPSET = 18
-# models whose raw output is one dense logits tensor at the input size: one graph, any H x W
-GRAPH_EXPORTABLE = ("deeplabv1", "deeplabv2", "deeplabv3", "deeplabv3plus")
-_TWO_STAGE = (
-    "its raw outputs are score-filtered, variable-length detections whose RoI heads, NMS and mask "
-    "pasting run data-dependent Python around the network"
-)
-_WHY_NOT = {
-    **dict.fromkeys(("mask_rcnn", "mask_x_rcnn", "panoptic_fpn", "centermask"), _TWO_STAGE),
-    "retinanet": "its raw output in this version is the NMS-filtered detection list (decoding, top-k "
-    "and NMS run in Python inside forward); a graph of the dense head with decoding outside it is "
-    "not built yet",
+# the models that export, with their graph's outputs: the semantic models whole (dense logits at
+# the input size, any H x W); RetinaNet's network alone (dense_network: anchors, decoding and NMS
+# run outside the graph, detect_from_dense), on batches padded to multiples of 32
+GRAPH_OUTPUTS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("deeplabv1", "deeplabv2", "deeplabv3", "deeplabv3plus"), ("logits",)),
+    "retinanet": ("cls_logits", "bbox_regression"),
 }
+GRAPH_EXPORTABLE = tuple(GRAPH_OUTPUTS)
+_WHY_NOT = dict.fromkeys(
+    ("mask_rcnn", "mask_x_rcnn", "panoptic_fpn", "centermask"),
+    "its raw outputs are score-filtered, variable-length detections whose RoI heads, NMS and mask "
+    "pasting run data-dependent Python around the network",
+)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 # what a zoo JSON keeps from a training run's best.json besides model + categories
 _CARRIED_KEYS = ("task", "inference", "epoch", "val", "recipe")
@@ -190,14 +193,20 @@ def export_graph(
             f"Graph-exportable models: {', '.join(GRAPH_EXPORTABLE)}"
         )
     model, meta = load_model(path)  # the plain eager model: no inference rewrites (omniseg.optimize)
+    network = model.dense_network() if hasattr(model, "dense_network") else model
+    outputs = list(GRAPH_OUTPUTS[config_name])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # batch 2 in the example: torch.export fixes a dimension traced at size 1 to 1
     example = torch.zeros(2, 3, 256, 320)
     dynamic = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    if network is not model:
+        # RetinaNet's input is padded to multiples of 32: saying so keeps the five levels' shape
+        # expressions small (with free H and W, torch.export's sympy simplification runs for many minutes)
+        dynamic.update({2: 32 * torch.export.Dim("h32", min=2), 3: 32 * torch.export.Dim("w32", min=2)})
     with torch.no_grad():
         program = torch.onnx.export(
-            model, (example,), dynamo=True, opset_version=OPSET, input_names=["images"], output_names=["logits"],
+            network, (example,), dynamo=True, opset_version=OPSET, input_names=["images"], output_names=outputs,
             dynamic_shapes={"images": dynamic}, external_data=False, verbose=False,
         )  # fmt: skip
     onnx_path = out_dir / GRAPH_FILES["onnx"]
@@ -231,8 +240,10 @@ def export_graph(
             "pixel_scale": 255.0,
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
+            # RetinaNet's graph takes the batch resized and zero-padded as omniseg.runtime does it
+            "size_multiple": 32 if hasattr(model, "dense_network") else 1,
         },  # fmt: skip
-        "outputs": ["logits"],
+        "outputs": outputs,
         "source": {"checkpoint": str(path), "torch": torch.__version__, "opset": OPSET},
     }
     meta_path = atomic_write_json(out_dir / GRAPH_META, exported)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from omniseg.errors import DataError
-from omniseg.export import GRAPH_EXPORTABLE, GRAPH_FILES, GRAPH_META
+from omniseg.export import GRAPH_FILES, GRAPH_META, GRAPH_OUTPUTS
 from omniseg.io import load_json
 
 __all__ = ["RUNTIMES", "GraphModel", "choose_runtime", "exported_metadata", "load_exported", "read_export_meta"]
@@ -55,13 +55,14 @@ def read_export_meta(directory: str | Path, runtime: str) -> dict:
     missing = [k for k in ("model", "categories", "input", "outputs") if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise DataError(f"{meta_path}: not an omniseg export's model.json (missing {', '.join(missing)})")
-    if meta["model"].get("name") not in GRAPH_EXPORTABLE or meta["outputs"] != ["logits"]:
+    name = meta["model"].get("name")
+    if name not in GRAPH_OUTPUTS or meta["outputs"] != list(GRAPH_OUTPUTS[name]):
         raise DataError(f"{meta_path}: model {meta['model'].get('name')!r} with outputs {meta['outputs']} is not one this version runs")
     return meta
 
 
 def _session(graph: Path, runtime: str, threads: int) -> Any:
-    """A callable ``(N, 3, H, W) float32 array -> (N, C, H, W) logits array``."""
+    """A callable ``(N, 3, H, W) float32 array -> list of the graph's output arrays``."""
     if runtime == "onnx":
         try:
             import onnxruntime as ort
@@ -71,7 +72,7 @@ def _session(graph: Path, runtime: str, threads: int) -> Any:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        return lambda x: session.run(["logits"], {"images": x})[0]
+        return lambda x: session.run(None, {"images": x})
     try:
         import openvino
     except ImportError:
@@ -80,12 +81,14 @@ def _session(graph: Path, runtime: str, threads: int) -> Any:
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
     compiled = openvino.Core().compile_model(str(graph), "CPU", config)
     request = compiled.create_infer_request()  # one request reused: no per-call allocation
-    return lambda x: request.infer({0: x})[0]
+    return lambda x: [result[output] for result in (request.infer({0: x}),) for output in compiled.outputs]
 
 
 class GraphModel(nn.Module):
-    """An exported graph as an omniseg model: ``forward(images)`` -> logits ``(B, C, H, W)`` from
-    the session; ``tasks``, ``categories`` and ``post_process`` from the eager model class."""
+    """An exported graph as an omniseg model: ``forward(images)`` returns the eager model's raw
+    outputs — the session's logits ``(B, C, H, W)``, or for a model whose graph is its network
+    alone (RetinaNet) its ``detect_from_dense`` around the session; ``tasks``, ``categories`` and
+    ``post_process`` are the eager model class's."""
 
     def __init__(self, run: Any, template: nn.Module, runtime: str) -> None:
         super().__init__()
@@ -94,12 +97,20 @@ class GraphModel(nn.Module):
         self.tasks: tuple[str, ...] = tuple(template.tasks)
         self.categories = getattr(template, "categories", None)
         self._post_process = template.post_process
+        # RetinaNet: resize / pad, anchors, decoding and NMS (no weights) around the graph
+        self._around = getattr(template, "detect_from_dense", None)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def run_graph(self, images: Tensor) -> list[Tensor]:
+        """The graph's outputs for a ``(B, 3, H, W)`` batch, as tensors on ``images``' device."""
         if images.ndim != 4:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(np.asarray(self._run(x))).to(images.device)
+        return [torch.from_numpy(np.asarray(y)).to(images.device) for y in self._run(x)]
+
+    def forward(self, images: Tensor) -> Any:
+        if self._around is not None:
+            return self._around(images, self.run_graph)
+        return self.run_graph(images)[0]
 
     def post_process(self, outputs: Tensor, image_sizes: Sequence[Sequence[int]], **options: Any) -> list:
         return self._post_process(outputs, image_sizes, **options)

@@ -17,7 +17,7 @@ follows torchvision: it is the number of logit channels and label 0 is never a d
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -229,6 +229,35 @@ class RetinaNet(nn.Module):
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
 
+    # ------------------------------------------------------------------------ graph export
+    def dense_network(self) -> nn.Module:
+        """What ``omniseg export --format onnx`` holds: a padded, normalised batch ``(B, 3, H, W)``
+        (H, W multiples of 32) -> ``cls_logits (B, A, K)``, ``bbox_regression (B, A, 4)``.
+        Anchors, decoding, top-k and NMS stay outside the graph: :meth:`detect_from_dense`."""
+        return _DenseRetinaNet(self).train(self.training)
+
+    @torch.no_grad()
+    def detect_from_dense(
+        self, images: Tensor | Sequence[Tensor], dense: Callable[[Tensor], Sequence[Tensor]]
+    ) -> list[dict[str, Tensor]]:
+        """:meth:`detect` with the network replaced by ``dense`` (an exported graph's session):
+        the same resize / pad, anchors, decoding and NMS."""
+        batch, _, original_sizes = preprocess(images, None, min_size=self.min_size, max_size=self.max_size)
+        cls_logits, bbox_regression = dense(batch.tensors)[:2]
+        # only the levels' shapes matter to the anchors and the per-level split: P3-P5 at strides
+        # 8-32 of the 32-padded batch, P6 and P7 each a stride-2 3x3 conv (padding 1) further
+        h, w = (int(v) // 8 for v in batch.tensors.shape[-2:])
+        shapes = [(h, w), (h // 2, w // 2), (h // 4, w // 4)]
+        for _ in range(2):
+            shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
+        levels = [cls_logits.new_empty((1, 0, *shape)) for shape in shapes]
+        anchors = self.anchor_generator(batch, levels)
+        outputs = {"cls_logits": cls_logits, "bbox_regression": bbox_regression}
+        detections = self.postprocess(outputs, anchors, levels, batch.image_sizes)
+        for det, size, original in zip(detections, batch.image_sizes, original_sizes, strict=True):
+            det["boxes"] = postprocess_boxes(det["boxes"], size, original)
+        return detections
+
     # ---------------------------------------------------------------------------- public
     def forward(
         self, images: Tensor | Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
@@ -291,6 +320,32 @@ class RetinaNet(nn.Module):
         for det, size, original in zip(detections, batch.image_sizes, original_sizes, strict=True):
             det["boxes"] = postprocess_boxes(det["boxes"], size, original)
         return detections, original_sizes
+
+
+class _DenseRetinaNet(nn.Module):
+    """RetinaNet's network alone (backbone, FPN, heads), for graph export."""
+
+    def __init__(self, model: RetinaNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        model = self.model
+        features = model.fpn(model.backbone(images)[1:])
+        cls_head, box_head = model.head.classification_head, model.head.regression_head
+        anchors = model.anchor_generator.num_anchors_per_location()[0]
+        cls = [_per_anchor(cls_head.cls_logits(cls_head.conv(f)), anchors) for f in features]
+        box = [_per_anchor(box_head.bbox_reg(box_head.conv(f)), anchors) for f in features]
+        return torch.cat(cls, 1), torch.cat(box, 1)
+
+
+def _per_anchor(x: Tensor, anchors: int) -> Tensor:
+    """``(N, A * K, H, W)`` -> ``(N, H * W * A, K)``, torchvision's head layout. Written out because
+    torchvision's ``view(N, -1, K, H, W)`` makes torch.export divide the five levels' symbolic sizes,
+    which its sympy simplification takes many minutes over; explicit sizes need no division."""
+    n, channels, h, w = x.shape
+    k = channels // anchors  # plain ints: the channel count is static
+    return x.view(n, anchors, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * anchors, k)
 
 
 @register_model("retinanet")
