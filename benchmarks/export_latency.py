@@ -73,12 +73,20 @@ def frame(path: Path, size: tuple[int, int] | None) -> np.ndarray:
 
 
 def _difference(ours, reference) -> float:
-    """Largest logit difference; for detections (lists of dicts), the largest box difference in px."""
+    """Largest logit difference; for detections (lists of dicts), the set distance of the boxes in
+    px (each box to its nearest same-class box on the other side, both ways): near-equal scores may
+    list the same detections in another order."""
     if isinstance(reference, torch.Tensor):
         return (ours - reference).abs().max().item()
-    if any(len(a["boxes"]) != len(b["boxes"]) for a, b in zip(ours, reference, strict=True)):
-        return float("inf")
-    return max((a["boxes"] - b["boxes"]).abs().max().item() for a, b in zip(ours, reference, strict=True))
+    worst = 0.0
+    for a, b in zip(ours, reference, strict=True):
+        if len(a["boxes"]) != len(b["boxes"]):
+            return float("inf")
+        if len(a["boxes"]):
+            distance = torch.cdist(a["boxes"], b["boxes"], p=float("inf"))
+            distance[a["labels"][:, None] != b["labels"][None, :]] = float("inf")
+            worst = max(worst, distance.min(1).values.max().item(), distance.min(0).values.max().item())
+    return worst
 
 
 def main() -> int:
