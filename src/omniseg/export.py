@@ -193,17 +193,20 @@ def export_graph(
             f"Graph-exportable models: {', '.join(GRAPH_EXPORTABLE)}"
         )
     model, meta = load_model(path)  # the plain eager model: no inference rewrites (omniseg.optimize)
+    # RetinaNet exports its network alone, on batches zero-padded to multiples of 32 (as
+    # omniseg.runtime pads them); the semantic models whole, at any size
     network = model.dense_network() if hasattr(model, "dense_network") else model
+    size_multiple = 1 if network is model else 32
     outputs = list(GRAPH_OUTPUTS[config_name])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # batch 2 in the example: torch.export fixes a dimension traced at size 1 to 1
     example = torch.zeros(2, 3, 256, 320)
     dynamic = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
-    if network is not model:
-        # RetinaNet's input is padded to multiples of 32: saying so keeps the five levels' shape
-        # expressions small (with free H and W, torch.export's sympy simplification runs for many minutes)
-        dynamic.update({2: 32 * torch.export.Dim("h32", min=2), 3: 32 * torch.export.Dim("w32", min=2)})
+    if size_multiple > 1:
+        # declared multiples keep the five levels' shape expressions small (with free H and W,
+        # torch.export's sympy simplification runs for many minutes)
+        dynamic.update({2: size_multiple * torch.export.Dim("h", min=2), 3: size_multiple * torch.export.Dim("w", min=2)})
     with torch.no_grad():
         program = torch.onnx.export(
             network, (example,), dynamo=True, opset_version=OPSET, input_names=["images"], output_names=outputs,
@@ -240,8 +243,7 @@ def export_graph(
             "pixel_scale": 255.0,
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
-            # RetinaNet's graph takes the batch resized and zero-padded as omniseg.runtime does it
-            "size_multiple": 32 if hasattr(model, "dense_network") else 1,
+            "size_multiple": size_multiple,  # H and W the graph takes (zero padding after normalising)
         },  # fmt: skip
         "outputs": outputs,
         "source": {"checkpoint": str(path), "torch": torch.__version__, "opset": OPSET},

@@ -2,7 +2,8 @@
 
 :func:`load_exported` returns a :class:`~omniseg.predictor.Predictor` whose ``model`` is a
 :class:`GraphModel`: its ``forward`` runs the onnxruntime / OpenVINO session and returns the raw
-outputs the eager model would (dense logits), and its ``post_process`` is the eager model's own,
+outputs the eager model would (dense logits; for RetinaNet, detections from the model class's
+``detect_from_dense`` around the graph), and its ``post_process`` is the eager model's own,
 taken from the model class rebuilt from ``model.json``'s config (random weights: post-processing
 needs none). Pre-processing, the working-size policy and test-time flip/scales are the
 Predictor's, so ``omniseg segment --runtime onnx`` writes what ``--runtime eager`` writes.
