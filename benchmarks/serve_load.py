@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-requests", type=int, default=5000, help="bound on the requests sent")
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--model-batch", default="auto", help="images per model call (the service's default: auto)")
     parser.add_argument("--baseline-seconds", type=float, default=None, help="per in-process phase (default: duration / 4)")
     parser.add_argument("--drain-timeout", type=float, default=240.0, help="wait for in-flight requests after the load")
     args = parser.parse_args(argv)
@@ -174,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     log = tempfile.NamedTemporaryFile(prefix="omniseg-serve-", suffix=".log", delete=False)
     command = [
         sys.executable, "-m", "omniseg", "serve", "--model", args.model, "--host", HOST, "--port", str(port),
-        "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+        "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--model-batch", args.model_batch,
         "--max-in-flight", str(max(args.clients, 32)),
     ]  # fmt: skip
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_PROXY": "*"})
     try:
         wait_ready(url, proc, timeout=300)
         rss_ready = rss_bytes(proc.pid)
+        served = httpx.get(f"{url}/v1/models", timeout=10, trust_env=False).json()["models"][0]
         # one full batch first: the allocator's high-water mark for a batch is not growth under load
         warm = asyncio.run(
             load(url, body, reference, clients=args.max_batch, duration=args.drain_timeout,
@@ -215,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("model / image", f"{args.model} / {args.image.name} ({image.shape[1]}x{image.shape[0]})"),
         ("clients / duration / max batch / max wait", f"{args.clients} / {args.duration:.0f} s / {args.max_batch} / {args.max_wait_ms:g} ms"),
+        ("model batch chosen (seconds per image measured at warm-up, by call size)",
+         f"{served['model_batch']} ({', '.join(f'{k}: {v:.3f}' for k, v in served['seconds_per_image_by_batch'].items())})"),
         ("in-process Predictor, before / after / mean", f"{before:.3f} / {after:.3f} / {reference_rate:.3f} img/s"),
         ("service throughput", f"{rate:.3f} req/s ({ok} ok in {result['elapsed']:.1f} s, {result['sent']} sent)"),
         ("ratio service / in-process", f"{rate / reference_rate:.3f}"),

@@ -270,7 +270,7 @@ def _post_concurrently(url: str, bodies: list[bytes]) -> list[httpx.Response]:
 def test_concurrent_requests_are_micro_batched() -> None:
     predictor = toy_predictor()
     # a long max wait: the batch closes when it is full (4), so the test does not wait for it
-    app = create_app([predictor], Limits(max_batch=4, max_wait_ms=5000))
+    app = create_app([predictor], Limits(max_batch=4, max_wait_ms=5000, model_batch=4))
     images = [bands(seed=s) for s in range(4)] + [bands(40, 90, seed=s) for s in range(4)]
     with running(app) as url:
         worker = app.state.service.workers["toy"]
@@ -284,6 +284,49 @@ def test_concurrent_requests_are_micro_batched() -> None:
         assert (worker.rounds, worker.model_calls) == (2, 3)
         for image, r in zip(images[2:6], responses, strict=True):
             assert r.json() == expected_json(predictor, image, "upload")
+
+
+def test_a_batch_runs_in_model_calls_of_model_batch_images() -> None:
+    predictor = toy_predictor()
+    app = create_app([predictor], Limits(max_batch=4, max_wait_ms=5000, model_batch=2))
+    images = [bands(seed=s) for s in range(4)]
+    with running(app) as url:
+        worker = app.state.service.workers["toy"]
+        responses = _post_concurrently(url, [png(im) for im in images])
+        assert (worker.rounds, worker.model_calls, worker.largest_batch, worker.images) == (1, 2, 2, 4)
+        for image, r in zip(images, responses, strict=True):
+            assert r.json() == expected_json(predictor, image, "upload")
+
+
+class Sleeping(DominantChannel):
+    """The toy model with a cost: ``per_call`` seconds per call plus ``per_image_squared`` x batch²."""
+
+    def __init__(self, per_call: float, per_image_squared: float) -> None:
+        super().__init__()
+        self.per_call, self.per_image_squared = per_call, per_image_squared
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.per_call + self.per_image_squared * images.shape[0] ** 2)
+        return super().forward(images)
+
+
+@pytest.mark.parametrize(
+    ("per_call", "per_image_squared", "fastest"),
+    [(0.04, 0.0, 4), (0.0, 0.01, 1), (0.08, 0.02, 2)],  # per image c/b + s*b: 0.08 s at 2, 0.1 s at 1 and 4
+)
+def test_model_batch_is_tuned_to_the_fastest_per_image(per_call: float, per_image_squared: float, fastest: int) -> None:
+    from omniseg.serve import ModelWorker
+
+    # no recorded flip or extra scales: one forward per call, so the sleep is the whole cost
+    predictor = Predictor(Sleeping(per_call, per_image_squared), CATEGORIES, meta={"name": "sleepy"})
+    worker = ModelWorker(predictor, max_batch=4)
+    assert worker.tune_model_batch() == fastest
+    assert sorted(worker.tuning) == [1, 2, 4]
+
+
+def test_model_batch_outside_one_to_max_batch_is_refused() -> None:
+    with pytest.raises(ValueError, match="model_batch must be between 1 and max_batch"):
+        Limits(max_batch=2, model_batch=4)
 
 
 def test_requests_run_one_by_one_without_a_wait() -> None:

@@ -160,6 +160,15 @@ def _add_show(sub, *, with_formats: bool) -> None:
     p.add_argument("--out", type=Path, default=Path("show.png"))
 
 
+def _auto_or_int(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number, got {text!r}") from None
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve models over HTTP: a JSON API and a web page")
     p.add_argument(
@@ -168,7 +177,11 @@ def _add_serve(sub) -> None:
     )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=4, help="requests run together per model")
+    p.add_argument("--max-batch", type=int, default=4, help="requests taken together per model")
+    p.add_argument(
+        "--model-batch", default="auto", type=_auto_or_int,
+        help="images per model call: auto (the size measured fastest per image at warm-up) or a number <= --max-batch",
+    )  # fmt: skip
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request may wait for a batch to fill")
     p.add_argument("--max-in-flight", type=int, default=32, help="requests admitted at once; the rest get 503")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit in MB (413 above)")
@@ -338,6 +351,7 @@ def cmd_serve(args) -> int:
     limits = Limits(
         max_bytes=int(args.max_body_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
         max_in_flight=args.max_in_flight, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        model_batch=None if args.model_batch == "auto" else args.model_batch,
     )  # fmt: skip
     serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port, limits=limits)
     return 0
