@@ -218,3 +218,98 @@ def test_update_checks() -> None:
     metric.update(0, gt, gt)
     with pytest.raises(ValueError, match="already added"):
         metric.update(0, gt, gt)
+
+
+def _polygon_of(rle: dict) -> list[list[float]]:
+    """A polygon (the mask's bounding rectangle, a little inset) standing in for an RLE mask."""
+    x, y, w, h = mask_utils.toBbox(rle).tolist()
+    return [[x + 1, y + 1, x + w - 1, y + 1, x + w - 1, y + h - 1, x + 1, y + h - 1]]
+
+
+def test_instance_files_take_polygons_explicit_boxes_and_string_ids(tmp_path: Path) -> None:
+    """The column paths (RLE as given, polygons converted, a given bbox kept for box AP only, ids
+    that are not integers through the dict path) score as COCOeval run on the same detections."""
+    gt = _gt_json()
+    results = _perturbed_detections(_quiet_coco(gt), seed=4)
+    for r in results[1::4]:  # a detector's own box, wider than its mask: box AP must use it
+        x, y, w, h = mask_utils.toBbox(r["segmentation"]).tolist()
+        r["bbox"] = [x, y, w + 7.0, h + 3.0]
+    for r in results[::3]:
+        r["segmentation"] = _polygon_of(r["segmentation"])
+    gt_path, pred_path = tmp_path / "gt.json", tmp_path / "results.json"
+    gt_path.write_text(json.dumps(gt))
+    pred_path.write_text(json.dumps(results))
+    ours = evaluate_instance_files(gt_path, pred_path)
+
+    coco = _quiet_coco(copy.deepcopy(gt))
+    rles = []
+    for r in results:
+        im = coco.imgs[r["image_id"]]
+        segm = r["segmentation"]
+        rles.append(mask_utils.merge(mask_utils.frPyObjects(segm, im["height"], im["width"])) if isinstance(segm, list) else segm)
+    segm_results = [{**{k: v for k, v in r.items() if k != "bbox"}, "segmentation": m} for r, m in zip(results, rles, strict=True)]
+    box_results = [
+        {"image_id": r["image_id"], "category_id": r["category_id"], "score": r["score"],
+         "bbox": r.get("bbox") or mask_utils.toBbox(m).tolist()}
+        for r, m in zip(results, rles, strict=True)
+    ]  # fmt: skip
+    for iou_type, res in (("segm", segm_results), ("bbox", box_results)):
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator = COCOeval(coco, coco.loadRes(copy.deepcopy(res)), iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        assert list(ours[iou_type].values()) == pytest.approx(evaluator.stats[:6], abs=1e-12, rel=0), iou_type
+    assert ours["bbox"]["AP"] != pytest.approx(ours["segm"]["AP"], abs=1e-3)  # the boxes did differ
+
+    # string image ids: the box results go as dicts rather than the numeric array, same numbers
+    as_text = {im["id"]: f"img-{im['id']}" for im in gt["images"]}
+    gt_text = {**gt, "images": [{**im, "id": as_text[im["id"]]} for im in gt["images"]],
+               "annotations": [{**a, "image_id": as_text[a["image_id"]]} for a in gt["annotations"]]}  # fmt: skip
+    gt_path.write_text(json.dumps(gt_text))
+    pred_path.write_text(json.dumps([{**r, "image_id": as_text[r["image_id"]]} for r in results]))
+    text_ids = evaluate_instance_files(gt_path, pred_path)
+    for iou_type in ("segm", "bbox"):
+        assert list(text_ids[iou_type].values()) == pytest.approx(list(ours[iou_type].values()), abs=1e-12, rel=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda rs: rs.__setitem__(1, [1, 2, 3]), r"detection #1 lacks 'image_id', 'category_id' or 'score'"),
+        (lambda rs: rs[2].pop("score"), r"detection #2 lacks 'image_id', 'category_id' or 'score'"),
+        (lambda rs: rs[3].pop("segmentation"), r"detection #3 has neither 'segmentation' nor 'bbox'"),
+        (lambda rs: rs[4].update(segmentation=7), r"detection #4 has a malformed segmentation"),
+        (lambda rs: rs[5].update(bbox=[1, 2, 3]), r"detection #5 has a malformed 'bbox'"),
+        (lambda rs: rs[6].update(score="high"), r"detection #6 has a malformed 'bbox' or 'score'"),
+        (lambda rs: rs[7].update(image_id=[1]), r"detection #7 refers to image_id \[1\]"),
+    ],
+)
+def test_instance_file_errors_name_the_detection(tmp_path: Path, change, message: str) -> None:
+    gt_path = shared_data("voc_coco_instances_sample") / "annotations.json"
+    results = _perturbed_detections(_quiet_coco(_gt_json()), seed=3)
+    change(results)
+    pred = tmp_path / "results.json"
+    pred.write_text(json.dumps(results))
+    with pytest.raises(EvaluationError, match=r"results\.json: " + message):
+        evaluate_instance_files(gt_path, pred)
+
+
+def test_ground_truth_errors_name_the_annotation(tmp_path: Path) -> None:
+    gt = _gt_json()
+    results = _perturbed_detections(_quiet_coco(copy.deepcopy(gt)), seed=3)
+    pred = tmp_path / "results.json"
+    pred.write_text(json.dumps(results))
+    gt_path = tmp_path / "gt.json"
+    for change, message in [
+        (lambda g: g["annotations"][2].pop("category_id"), "annotation #2 lacks 'image_id' or 'category_id'"),
+        (lambda g: g["annotations"][3].update(image_id=424242), "annotation #3 refers to unknown image_id 424242"),
+        (lambda g: g["annotations"][4].update(category_id=99), "annotation #4 has unknown category id 99"),
+        (lambda g: (g["annotations"][5].pop("bbox"), g["annotations"][5].pop("segmentation")),
+         "annotation #5 has neither 'segmentation' nor 'bbox'"),
+    ]:  # fmt: skip
+        broken = copy.deepcopy(gt)
+        change(broken)
+        gt_path.write_text(json.dumps(broken))
+        with pytest.raises(EvaluationError, match=r"gt\.json: " + message):
+            evaluate_instance_files(gt_path, pred)

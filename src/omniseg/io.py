@@ -133,22 +133,43 @@ def atomic_write_json(path: PathLike, obj: Any, *, indent: int | None = 2) -> Pa
 
 # ----------------------------------------------------------------------------- reading
 def load_json(path: PathLike, what: str = "") -> Any:
-    """The parsed content of a UTF-8 JSON file; ``what`` (e.g. "ground-truth JSON") names it in errors."""
+    """The parsed content of a UTF-8 JSON file; ``what`` (e.g. "ground-truth JSON") names it in errors.
+
+    Parsed by orjson where it is installed (a dependency: 2-3x faster than the standard parser on
+    COCO results files, which is most of evaluation start-up) and the file is strict JSON; anything
+    orjson refuses goes to the standard parser, which names the problem (and takes what Python's
+    ``json`` takes: NaN, integers beyond 64 bits).
+    """
     path = Path(path)
     label = f"{what} " if what else ""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: {label}file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, not a {what or 'JSON'} file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read {what or 'file'} ({exc.strerror or exc})") from None
+    fast = _orjson()
+    if fast is not None:
+        try:
+            return fast.loads(data)
+        except fast.JSONDecodeError:
+            pass
+    try:
+        return json.loads(data.decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: {what or 'file'} is not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read {what or 'file'} ({exc.strerror or exc})") from None
+
+
+def _orjson() -> Any:
+    try:
+        import orjson
+    except ImportError:
+        return None
+    return orjson
 
 
 _UNREADABLE = {"image": "not a readable image", "PNG": "cannot decode PNG"}

@@ -12,6 +12,7 @@ import copy
 import io
 from collections.abc import Sequence
 
+import numpy as np
 from pycocotools import mask as mask_utils
 
 from omniseg.structures import CategoryTable, Segments
@@ -21,25 +22,38 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def coco_evaluate(
-    gt_dataset: dict, results: list[dict], iou_type: str, *, engine: str = "auto"
+    gt_dataset: dict, results: list[dict] | np.ndarray, iou_type: str, *, engine: str = "auto"
 ) -> dict[str, float]:
     """Run COCOeval (``iou_type`` ``"segm"`` or ``"bbox"``) quietly on in-memory data.
 
     ``gt_dataset`` is a COCO instances dict (``images``, ``annotations``, ``categories``);
-    ``results`` is a COCO results list. Neither is modified. ``engine``: ``"hotcoco"``,
-    ``"pycocotools"`` or ``"auto"`` (hotcoco, else pycocotools).
+    ``results`` is a COCO results list (or, for boxes, the array form of :data:`Results`). Neither
+    is modified. ``engine``: ``"hotcoco"``, ``"pycocotools"`` or ``"auto"`` (hotcoco, else pycocotools).
+
+    The box array form is what both engines' ``loadRes`` take: ``(N, 7)`` rows ``[image_id, x, y,
+    w, h, score, category_id]``, scored as box results (area w x h), with no dict per detection.
     """
     stats = coco_stats(gt_dataset, results, iou_type, engine=engine)
     return {name: float(v) for name, v in zip(STAT_NAMES, stats[:6], strict=True)}
 
 
-def coco_stats(gt_dataset: dict, results: list[dict], iou_type: str, *, engine: str = "auto") -> list[float]:
+def coco_stats(
+    gt_dataset: dict, results: list[dict] | np.ndarray, iou_type: str, *, engine: str = "auto"
+) -> list[float]:
     """All 12 ``COCOeval.stats`` (see :func:`coco_evaluate`)."""
+    return coco_stats_by_type(gt_dataset, {iou_type: results}, engine=engine)[iou_type]
+
+
+def coco_stats_by_type(
+    gt_dataset: dict, results_by_type: dict[str, list[dict] | np.ndarray], *, engine: str = "auto"
+) -> dict[str, list[float]]:
+    """All 12 ``COCOeval.stats`` per IoU type, e.g. ``{"segm": masks, "bbox": boxes}``: one ground
+    truth read by the engine serves every type."""
     if engine not in ("auto", "hotcoco", "pycocotools"):
         raise ValueError(f"unknown COCOeval engine {engine!r}")
-    if engine != "pycocotools" and results:
+    if engine != "pycocotools" and all(len(r) for r in results_by_type.values()):
         try:
-            return _hotcoco_stats(gt_dataset, results, iou_type)
+            return _hotcoco_stats(gt_dataset, results_by_type)
         except ImportError:
             if engine == "hotcoco":
                 raise
@@ -48,22 +62,25 @@ def coco_stats(gt_dataset: dict, results: list[dict], iou_type: str, *, engine: 
             # referee itself then decides, so the numbers never depend on which library ran
             if engine == "hotcoco":
                 raise
-    return _pycocotools_stats(gt_dataset, results, iou_type)
+    return {t: _pycocotools_stats(gt_dataset, r, t) for t, r in results_by_type.items()}
 
 
-def _hotcoco_stats(gt_dataset: dict, results: list[dict], iou_type: str) -> list[float]:
+def _hotcoco_stats(gt_dataset: dict, results_by_type: dict[str, list[dict] | np.ndarray]) -> dict[str, list[float]]:
     import hotcoco  # lazily: only evaluation needs it
 
     coco_gt = hotcoco.COCO(gt_dataset)  # copies into Rust: the caller's dicts stay untouched
-    evaluator = hotcoco.COCOeval(coco_gt, coco_gt.load_res(results), iou_type)
-    evaluator.evaluate()
-    evaluator.accumulate()
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator.summarize()
-    return [float(v) for v in evaluator.stats]
+    out = {}
+    for iou_type, results in results_by_type.items():
+        evaluator = hotcoco.COCOeval(coco_gt, coco_gt.load_res(results), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.summarize()
+        out[iou_type] = [float(v) for v in evaluator.stats]
+    return out
 
 
-def _pycocotools_stats(gt_dataset: dict, results: list[dict], iou_type: str) -> list[float]:
+def _pycocotools_stats(gt_dataset: dict, results: list[dict] | np.ndarray, iou_type: str) -> list[float]:
     from pycocotools.coco import COCO  # lazily: the fallback; its import costs ~10 ms of CLI start-up
     from pycocotools.cocoeval import COCOeval
 
@@ -71,7 +88,7 @@ def _pycocotools_stats(gt_dataset: dict, results: list[dict], iou_type: str) -> 
         coco_gt = COCO()
         coco_gt.dataset = copy.deepcopy(gt_dataset)
         coco_gt.createIndex()
-        if results:
+        if len(results):
             coco_dt = coco_gt.loadRes(copy.deepcopy(results))
         else:
             # loadRes cannot take an empty list; no detections still scores 0 wherever gt exists
@@ -196,4 +213,5 @@ class InstanceAP:
                 "categories": [c for c in gt["categories"] if c["id"] in keep],
             }
             results = [r for r in results if r["category_id"] in keep]
-        return {t: coco_evaluate(gt, results_for(t, results), t) for t in ("segm", "bbox")}
+        stats = coco_stats_by_type(gt, {t: results_for(t, results) for t in ("segm", "bbox")})
+        return {t: dict(zip(STAT_NAMES, stats[t][:6], strict=True)) for t in ("segm", "bbox")}
