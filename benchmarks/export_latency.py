@@ -32,7 +32,7 @@ from PIL import Image
 from _latency import alternate
 from omniseg.checkpoint import load_model
 from omniseg.cli import main as omniseg_main
-from omniseg.data.transforms import to_model_input
+from omniseg.data.normalize import to_model_input
 from omniseg.predictor import load_predictor, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -174,7 +174,7 @@ def export_graph(
     import torch
 
     from omniseg.checkpoint import load_model
-    from omniseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from omniseg.data.normalize import IMAGENET_MEAN, IMAGENET_STD
     from omniseg.predictor import resolve_checkpoint
 
     if format not in GRAPH_FILES:

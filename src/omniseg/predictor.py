@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from omniseg.checkpoint import CheckpointError, checkpoint_paths, load_model
-from omniseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from omniseg.data.normalize import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 from omniseg.inference import TestTimeAugmentation, predict_segments, working_size
 from omniseg.io import load_image
 from omniseg.models.registry import attach_categories

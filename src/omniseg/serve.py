@@ -47,7 +47,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from omniseg.batch import png_bytes
-from omniseg.data.transforms import to_model_input
+from omniseg.data.normalize import to_model_input
 from omniseg.inference import predict_segments
 from omniseg.predictor import Predictor, load_predictor, segments_json
 from omniseg.structures import Segments

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from omniseg.data.normalize import IMAGENET_MEAN, IMAGENET_STD, to_model_input  # noqa: F401 (re-exported)
 from omniseg.data.targets import SemanticMap
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class RandomScale(v2.Transform):
@@ -62,20 +59,3 @@ def train_transform(
     if color_jitter:
         steps.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
     return v2.Compose(steps)
-
-
-def to_model_input(
-    image: np.ndarray | torch.Tensor,
-    *,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> torch.Tensor:
-    """``(H, W, 3) uint8`` array or ``(3, H, W) uint8`` tensor -> normalised ``(3, H, W) float32``."""
-    if isinstance(image, np.ndarray):
-        # torch cannot wrap a read-only array (a cached or memory-mapped image): copy that one
-        array = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
-        image = torch.from_numpy(array).permute(2, 0, 1)
-    image = image.float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=image.dtype).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=image.dtype).view(3, 1, 1)
-    return (image - mean_t) / std_t

@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from omniseg.data.normalize import to_model_input
 from omniseg.data.targets import finalize_target, training_target
-from omniseg.data.transforms import to_model_input
 from omniseg.structures import CategoryTable
 
 __all__ = ["EvaluationSet", "TrainingSet", "collate"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-import torchvision.ops
 from torch import Tensor
 
 __all__ = ["heatmap_focal_loss", "sigmoid_focal_loss"]
@@ -23,6 +22,8 @@ def sigmoid_focal_loss(
     positive/negative weighting. ``normalizer`` is what the method divides by (RetinaNet: the number
     of positive anchors); ``None`` averages over all elements. The arithmetic is torchvision's.
     """
+    import torchvision.ops  # lazily: its import pulls in torch._dynamo (1-2 s); detection training only
+
     loss = torchvision.ops.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="sum")
     if normalizer is None:
         return loss / max(logits.numel(), 1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import json
 import pkgutil
@@ -37,6 +38,28 @@ _DISCOVERED = False
 
 # Subpackages that hold building blocks, not methods.
 _NOT_METHODS = {"backbones", "layers", "registry", "optimize", "torchvision_import", "hf_import", "crf"}
+# The module of a model whose name is not its module's (a test holds every builder to this), so
+# that loading one model imports one method module: importing them all costs seconds of start-up
+# (torchvision's detection code pulls in torch._dynamo, the matchers scipy.optimize).
+_MODULE_OF = {"deeplabv1": "deeplab", "deeplabv2": "deeplab", "deeplabv3": "deeplab", "deeplabv3plus": "deeplab"}
+
+
+def home_module(name: str) -> str:
+    """The method module expected to register model ``name`` (``omniseg.models.<module>``)."""
+    return _MODULE_OF.get(name, name)
+
+
+def _find(name: str) -> None:
+    """Import the module that registers ``name``: its home module first, every module if need be."""
+    package = __name__.rpartition(".")[0]
+    module = home_module(name)
+    if module not in _NOT_METHODS and importlib.util.find_spec(f"{package}.{module}") is not None:
+        try:
+            importlib.import_module(f"{package}.{module}")
+        except Exception as exc:  # reported on lookup, as discovery does
+            _IMPORT_ERRORS[module] = f"{type(exc).__name__}: {exc}"
+    if name not in _MODELS:
+        _discover()
 
 
 def _jsonable(value: Any) -> Any:
@@ -113,7 +136,7 @@ def list_models() -> list[str]:
 def model_arguments(name: str) -> list[str]:
     """The keyword arguments of model ``name``'s builder (to fill in what a dataset knows)."""
     if name not in _MODELS:
-        _discover()
+        _find(name)
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {sorted(_MODELS)}")
     return list(inspect.signature(_MODELS[name]).parameters)
@@ -126,7 +149,7 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     kwargs = dict(config)
     name = kwargs.pop("name")
     if name not in _MODELS:
-        _discover()
+        _find(name)
     if name not in _MODELS:
         hint = f"; modules that failed to import: {_IMPORT_ERRORS}" if _IMPORT_ERRORS else ""
         raise KeyError(f"unknown model {name!r}; registered: {sorted(_MODELS)}{hint}")

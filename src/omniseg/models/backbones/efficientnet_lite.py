@@ -32,9 +32,9 @@ import math
 import re
 from collections.abc import Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import StochasticDepth
 
 from omniseg.models.backbones import (
     Backbone,
@@ -154,6 +154,32 @@ def _zero_bottom_right(x: Tensor, rows: int, cols: int) -> None:
         x[..., :, -cols:] = 0
 
 
+class DropPath(nn.Module):
+    """Stochastic depth per sample ("row" mode): in training, a residual branch is zeroed for a
+    sample with probability ``p`` and the survivors scaled by ``1 / (1 - p)``.
+
+    torchvision's ``StochasticDepth`` computes exactly this (same random draws: a test compares),
+    but importing ``torchvision.ops`` pulls in ``torch._dynamo``, 1-2 s of every start-up of a
+    model that needs nothing else from torchvision.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        survival = 1.0 - self.p
+        keep = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(survival)
+        return x * keep.div_(survival)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class MBConv(nn.Module):
     """Inverted residual without SE: [1x1 expand, ReLU6] -> kxk depthwise, ReLU6 -> 1x1 project (linear)."""
 
@@ -174,7 +200,7 @@ class MBConv(nn.Module):
         self.depthwise = conv_bn_act(mid, mid, kernel_size, stride=stride, dilation=dilation, groups=mid)
         self.project = conv_bn_act(mid, out_channels, 1, act=False)
         self.use_residual = stride == 1 and in_channels == out_channels
-        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if (

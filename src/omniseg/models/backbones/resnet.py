@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from torch import Tensor, nn
-from torchvision.models import resnet50, resnet101
 
 from omniseg.models.backbones import (
     Backbone,
@@ -19,7 +18,7 @@ from omniseg.models.backbones import (
     register_backbone,
 )
 
-_CONSTRUCTORS = {"resnet50": resnet50, "resnet101": resnet101}
+_ARCHS = ("resnet50", "resnet101")  # torchvision.models constructors, imported when one is built
 
 # torchvision's replace_stride_with_dilation flags for layer2..layer4
 _DILATION = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}
@@ -30,12 +29,15 @@ class ResNetBackbone(Backbone):
 
     def __init__(self, arch: str = "resnet50", *, output_stride: int = 32) -> None:
         super().__init__()
-        if arch not in _CONSTRUCTORS:
-            raise ValueError(f"unknown ResNet {arch!r}; expected one of {sorted(_CONSTRUCTORS)}")
+        if arch not in _ARCHS:
+            raise ValueError(f"unknown ResNet {arch!r}; expected one of {list(_ARCHS)}")
         if output_stride not in _DILATION:
             raise ValueError(f"output_stride must be one of {sorted(_DILATION)}, got {output_stride}")
         # weights=None: never download; pretrained weights come from a local file.
-        net = _CONSTRUCTORS[arch](weights=None, replace_stride_with_dilation=_DILATION[output_stride])
+        # lazily: torchvision.models pulls in torch._dynamo, 1-2 s of start-up for every other backbone
+        import torchvision.models
+
+        net = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=_DILATION[output_stride])
         self.conv1 = net.conv1
         self.bn1 = net.bn1
         self.relu = net.relu

@@ -42,12 +42,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from omniseg.models.layers.private_ops import PrivateOp, tensor_key
 
@@ -204,7 +204,10 @@ def configure_fast_convs(module: nn.Module, *, gemm: bool, winograd: bool) -> in
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
-    if isinstance(module, FrozenBatchNorm2d):
+    # torchvision is imported only by the models that use it (its import pulls in torch._dynamo,
+    # ~1-2 s of start-up): if it is not loaded, no module can be one of its FrozenBatchNorm2d
+    tv_misc = sys.modules.get("torchvision.ops.misc")
+    if tv_misc is not None and isinstance(module, tv_misc.FrozenBatchNorm2d):
         return True
     return (
         isinstance(module, nn.BatchNorm2d) and module.track_running_stats and module.running_mean is not None
@@ -219,6 +222,8 @@ def freeze_batchnorms(module: nn.Module) -> nn.Module:
     the same (``num_batches_tracked`` is dropped on load). timm's fused ``BatchNormAct2d`` is
     left to timm's own freezer, which keeps its activation.
     """
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if (

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from omniseg.losses import pairwise_dice_loss, pairwise_mask_bce_loss, point_sample
@@ -18,6 +17,8 @@ __all__ = ["HungarianMatcher", "min_cost_assignment"]
 def min_cost_assignment(cost: Tensor) -> tuple[Tensor, Tensor]:
     """Row and column indices (``int64``, rows ascending) of the one-to-one assignment of least
     total cost in a ``(rows, columns)`` matrix; ``min(rows, columns)`` pairs."""
+    from scipy.optimize import linear_sum_assignment  # lazily: ~0.5 s of import, training only
+
     rows, cols = linear_sum_assignment(cost.detach().to("cpu", torch.float64).numpy())
     return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 
