@@ -229,3 +229,31 @@ def test_one_error_class_each_and_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (1, 7), (9, 1), (33, 47), (5, 6, 3), (1, 1, 3), (17, 4, 4), (240, 321, 3)]
+)
+def test_encode_png_round_trips_through_pillow(shape: tuple[int, ...]) -> None:
+    import io as _io
+
+    from PIL import Image
+
+    from omniseg.io import encode_png
+
+    rng = np.random.default_rng(sum(shape))
+    array = rng.integers(0, 256, shape, dtype=np.uint8)
+    array[: shape[0] // 2] //= 7  # smooth and noisy rows: the Up filter's wrap-around both ways
+    decoded = np.asarray(Image.open(_io.BytesIO(encode_png(array))))
+    assert decoded.shape == array.shape and np.array_equal(decoded, array)
+
+
+def test_encode_png_refuses_what_it_cannot_write() -> None:
+    from omniseg.io import encode_png
+
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(np.zeros((4, 4), dtype=np.uint16))
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(np.zeros((4, 4, 2), dtype=np.uint8))
+    with pytest.raises(ValueError, match="at least one pixel"):
+        encode_png(np.zeros((0, 4), dtype=np.uint8))

@@ -115,3 +115,18 @@ def test_category_table_rejects_duplicates_and_unknown_ids(categories):
     with pytest.raises(KeyError, match="unknown category id 9"):
         categories.index_of(9)
     assert categories.id_lookup()[3] == 2
+
+
+def test_to_semantic_in_a_narrow_dtype_equals_int64_and_refuses_ids_it_cannot_hold():
+    id_map = np.array([[0, 7, 7], [14, 7, 0]], dtype=np.int32)
+    small_ids = Segments((2, 3), [3, 200], id_map=id_map, segment_ids=[7, 14])
+    wide = small_ids.to_semantic(void_value=255)
+    narrow = small_ids.to_semantic(void_value=255, dtype=np.uint8)
+    assert wide.dtype == np.int64 and narrow.dtype == np.uint8
+    assert np.array_equal(narrow, wide) and wide.tolist() == [[255, 3, 3], [200, 3, 255]]
+    overlapping = Segments((2, 3), [3, 200], rles=small_ids.rles(), scores=[0.9, 0.5])
+    assert np.array_equal(overlapping.to_semantic(void_value=255, dtype=np.uint8), wide)
+    with pytest.raises(ValueError, match="do not fit uint8"):
+        Segments((2, 3), [3, 300], id_map=id_map, segment_ids=[7, 14]).to_semantic(dtype=np.uint8)
+    with pytest.raises(ValueError, match="do not fit uint8"):
+        small_ids.to_semantic(void_value=-1, dtype=np.uint8)

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import sys
@@ -38,6 +37,7 @@ from omniseg.io import (
     DataError,
     atomic_write_bytes,
     atomic_write_json,
+    encode_png,
     list_images,
     load_image,
     load_json,
@@ -248,12 +248,8 @@ def resolve_task(predictor: Predictor, task: str | None) -> tuple[str, str]:
 
 
 def png_bytes(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    # zlib level 1: a 12-MP overlay encodes in a fraction of the default's time, ~10% larger
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """The PNG of a uint8 label map or image (:func:`omniseg.io.encode_png`: fast at 12 MP)."""
+    return encode_png(array)
 
 
 def coco_results(segments: Segments, image_id: int | str) -> list[dict]:
@@ -294,12 +290,11 @@ def write_image_outputs(
         written.append(atomic_write_bytes(target, data))
 
     if "labels" in spec.outputs:
-        labels = segments.to_semantic(void_value=255)
-        if labels.max(initial=0) > 255:
+        if len(segments) and int(segments.category_ids.max()) > 255:
             raise DataError(f"{path}: category ids above 255 do not fit a label PNG")
-        put(out / f"{stem}_labels.png", png_bytes(labels.astype(np.uint8)))
+        put(out / f"{stem}_labels.png", png_bytes(segments.to_semantic(void_value=255, dtype=np.uint8)))
     if "cityscapes" in spec.outputs:  # ids were checked to be labelIds (0..33); nothing predicted = 0
-        put(out / f"{stem}_labelIds.png", png_bytes(segments.to_semantic(void_value=0).astype(np.uint8)))
+        put(out / f"{stem}_labelIds.png", png_bytes(segments.to_semantic(void_value=0, dtype=np.uint8)))
     if "overlay" in spec.outputs:
         put(out / f"{stem}_overlay.png", png_bytes(overlay(image, segments, view=view)))
     if "json" in spec.outputs:

@@ -114,6 +114,39 @@ def _umask() -> int:
     return mask
 
 
+def encode_png(array: np.ndarray, *, level: int = 1) -> bytes:
+    """A PNG of an ``(H, W)`` grey, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA uint8 array.
+
+    Written here rather than by Pillow because at 12 MP Pillow's encoder took 0.7 s (it tries
+    every row filter per row): every row gets PNG's "Up" filter (the difference from the row
+    above, one numpy subtraction) and zlib ``level`` (1: fast), which on photos and label maps
+    gives files as small as Pillow's at level 1 in half the time. Any PNG reader reads them
+    (tests decode them with Pillow).
+    """
+    import struct
+    import zlib
+
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(f"encode_png needs a uint8 (H, W), (H, W, 3) or (H, W, 4) array, got {array.dtype} {array.shape}")
+    h, w = array.shape[:2]
+    if not h or not w:
+        raise ValueError(f"a PNG needs at least one pixel, got shape {array.shape}")
+    rows = np.ascontiguousarray(array).reshape(h, -1)
+    raw = np.empty((h, rows.shape[1] + 1), dtype=np.uint8)
+    raw[:, 0] = 2  # filter type "Up"; the first row's "above" is zeros, i.e. itself
+    raw[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's does
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    color_type = {1: 0, 3: 2, 4: 6}[channels]  # grey, RGB, RGBA
+    header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.data, level)) + chunk(b"IEND", b"")
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; returns ``path``."""
     with atomic_path(path) as tmp:

@@ -28,7 +28,7 @@ from omniseg.structures import Category, CategoryTable, Segments, default_color
 VIEWS = ("panoptic", "semantic", "instance")
 LEGEND_BACKGROUND = (32, 32, 32)
 LEGEND_TEXT = (255, 255, 255)
-_BAND = 512  # rows blended at once: bounds the float temporaries to a few MB on huge images
+_BAND = 512  # rows blended at once: bounds the index temporaries to a few tens of MB on huge images
 
 
 def shade(color: tuple[int, int, int], k: int) -> tuple[int, int, int]:
@@ -62,22 +62,9 @@ def _shown(segments: Segments, view: str, categories: CategoryTable | None) -> n
 
 
 def _segment_rows(segments: Segments, shown: np.ndarray) -> np.ndarray:
-    """``(H, W) int32``: 1 + index of the displayed segment owning each pixel, 0 for none."""
+    """``(H, W) int32`` of overlapping (RLE) segments: 1 + index of the displayed segment owning
+    each pixel (the most confident where they overlap), 0 for none."""
     h, w = segments.image_size
-    n = len(segments)
-    if segments.id_map is not None:
-        id_map = segments.id_map
-        if not n:
-            return np.zeros((h, w), dtype=np.int32)
-        order = np.argsort(segments.segment_ids, kind="stable")
-        sorted_ids = segments.segment_ids[order]
-        row_of = np.where(shown[order], order + 1, 0).astype(np.int32)
-        rows = np.empty((h, w), dtype=np.int32)
-        for r0 in range(0, h, _BAND):  # banded: searchsorted makes int64 temporaries
-            band = id_map[r0 : r0 + _BAND]
-            pos = np.minimum(np.searchsorted(sorted_ids, band), n - 1)
-            rows[r0 : r0 + _BAND] = np.where(sorted_ids[pos] == band, row_of[pos], 0)
-        return rows
     rows = np.zeros((h, w), dtype=np.int32)
     rles = segments.rles()
     for i in np.argsort(segments.scores, kind="stable"):
@@ -192,10 +179,16 @@ def _render_keys(
         raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
     categories = categories if categories is not None else segments.categories
     shown = _shown(segments, view, categories)
-    rows = _segment_rows(segments, shown)
     key_of_row, color_of_key, key_category = _keys_and_colors(segments, view, categories, shown)
-    keys = key_of_row[rows]
-    counts = np.bincount(keys.ravel(), minlength=len(color_of_key))
+    if len(color_of_key) <= np.iinfo(np.uint16).max:  # half the memory of int32 on a 12-MP map
+        key_of_row = key_of_row.astype(np.uint16)
+    index = segments.index_map()
+    if index is not None:  # hidden segments have key 0: one gather from the cached index map
+        keys = key_of_row[index]
+        counts = np.bincount(key_of_row[1:], weights=segments.areas(), minlength=len(color_of_key))
+    else:
+        keys = key_of_row[_segment_rows(segments, shown)]
+        counts = np.bincount(keys.ravel(), minlength=len(color_of_key))
     visible = {key_category[k] for k in np.flatnonzero(counts[1:]) + 1}
     order = {c: i for i, c in enumerate(categories.ids)} if categories is not None else {}
     cats = [_category(categories, c) for c in sorted(visible, key=lambda c: (order.get(c, len(order)), c))]
@@ -277,14 +270,17 @@ def overlay(
     h, w = keys.shape
     out = rgb.copy()
     a = np.float32(alpha)
+    # the blend of every (key, channel, pixel value) once, in the same float32 arithmetic as a
+    # per-pixel blend, then one table look-up per pixel: at 12 MP ~5x faster than blending floats
+    values = np.arange(256, dtype=np.uint8)
+    table = np.round(values * (1 - a) + color_of_key[:, :, None] * a).astype(np.uint8)  # (K+1, 3, 256)
+    table[0] = values  # key 0 (no segment): unchanged
+    table = table.reshape(-1)
+    channel = np.arange(3, dtype=np.int32) * 256
     for r0 in range(0, h, _BAND):
-        k = keys[r0 : r0 + _BAND]
-        on = k > 0
-        if not on.any():
-            continue
         band = out[r0 : r0 + _BAND]
-        blended = band * (1 - a) + color_of_key[k] * a
-        np.copyto(band, np.round(blended).astype(np.uint8), where=on[..., None])
+        index = keys[r0 : r0 + _BAND, :, None].astype(np.int32) * 768 + channel + band
+        np.take(table, index, out=band)
     if outlines and h and w:
         edge = np.zeros((h, w), dtype=bool)
         vertical = keys[1:] != keys[:-1]
