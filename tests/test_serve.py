@@ -324,6 +324,15 @@ def test_model_batch_is_tuned_to_the_fastest_per_image(per_call: float, per_imag
     assert sorted(worker.tuning) == [1, 2, 4]
 
 
+def test_a_bigger_model_call_must_be_clearly_faster_per_image() -> None:
+    from omniseg.serve import choose_model_batch
+
+    assert choose_model_batch({1: 0.668, 2: 0.648, 4: 0.996}) == 1  # 3% faster: not worth the wait
+    assert choose_model_batch({1: 0.668, 2: 0.60, 4: 0.996}) == 2
+    assert choose_model_batch({1: 0.4, 2: 0.2, 4: 0.1}) == 4
+    assert choose_model_batch({1: 0.1, 2: 0.2, 4: 0.4}, tolerance=0.0) == 1
+
+
 def test_model_batch_outside_one_to_max_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="model_batch must be between 1 and max_batch"):
         Limits(max_batch=2, model_batch=4)
