@@ -271,7 +271,7 @@ def overlay(
     out = rgb.copy()
     a = np.float32(alpha)
     # the blend of every (key, channel, pixel value) once, in the same float32 arithmetic as a
-    # per-pixel blend, then one table look-up per pixel: at 12 MP ~5x faster than blending floats
+    # per-pixel blend, then one table look-up per pixel (a 12-MP overlay: 1.1 s -> 0.45 s)
     values = np.arange(256, dtype=np.uint8)
     table = np.round(values * (1 - a) + color_of_key[:, :, None] * a).astype(np.uint8)  # (K+1, 3, 256)
     table[0] = values  # key 0 (no segment): unchanged
