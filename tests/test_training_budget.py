@@ -95,3 +95,43 @@ def test_freeze_stem_and_mask_head_channels_reach_the_model():
     last_block = list(model.backbone.blocks[-1].parameters())
     assert all(p.grad is None for p in stem)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in last_block)
+
+
+class _SemanticFrames:
+    """A training set of hand-made semantic maps (what repeat_factors reads of each frame)."""
+
+    def __init__(self, maps: list[list[int]]) -> None:
+        self.maps = [torch.tensor(m, dtype=torch.uint8).reshape(1, -1) for m in maps]
+        self.categories = list(range(3))
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def raw(self, index: int):
+        return None, {"semantic": self.maps[index]}
+
+
+def test_repeat_factors_follow_the_lvis_formula():
+    from omniseg.engine.train import repeat_factors
+
+    # class 0 in every frame (f=1), class 1 in one of four (f=1/4), class 2 in one, 255 is void
+    frames = _SemanticFrames([[0, 0], [0, 1], [0, 255], [2, 255]])
+    # threshold 1: r_1 = r_2 = sqrt(1 / 0.25) = 2, r_0 = max(1, sqrt(1 / 0.75)) = 1.1547
+    factors = repeat_factors(frames, 3, threshold=1.0)
+    assert factors.tolist() == pytest.approx([(1 / 0.75) ** 0.5, 2.0, (1 / 0.75) ** 0.5, 2.0])
+    # a threshold below every frequency leaves uniform sampling
+    assert repeat_factors(frames, 3, threshold=0.2).tolist() == [1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="repeat_factor_threshold"):
+        repeat_factors(frames, 3, threshold=0.0)
+
+
+def test_repeat_factor_sampling_draws_rare_frames_more_often():
+    from omniseg.engine.train import _loaders
+
+    frames = _SemanticFrames([[0, 0]] * 6 + [[0, 1]] * 2)  # class 1 in a quarter of the frames
+    loader, _ = _loaders(frames, {"batch_size": 1, "repeat_factor_threshold": 4.0}, seed=0)
+    # r_1 = sqrt(4 / 0.25) = 4, r_0 = 2: the two rare frames weigh 8 of 20, i.e. 40% of draws
+    draws = [i for _ in range(500) for i in loader.sampler]
+    rare_share = sum(i >= 6 for i in draws) / len(draws)
+    assert abs(rare_share - 0.4) < 0.03
+    assert loader.sampler.replacement and len(loader.sampler) == len(frames)

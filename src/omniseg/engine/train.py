@@ -8,7 +8,9 @@ Config sections (see ``configs/*.yaml``):
   ``batch_size``, ``val_batch_size``, ``num_workers``, ``cache``, and the augmentation every task
   shares (:func:`omniseg.data.transforms.train_transform`): ``scale_range`` (relative to each
   image), ``crop_size``, ``hflip``, ``color_jitter``. Detectors can also jitter scale through
-  their own ``min_size`` list.
+  their own ``min_size`` list. ``repeat_factor_threshold: t`` samples frames with rare classes
+  more often (LVIS repeat-factor sampling, :func:`repeat_factors`); absent, frames are shuffled
+  uniformly.
 
 The model's declared ``tasks`` (its first, or ``train.task``) pick the validation metric; a
 model whose builder takes ``categories`` gets the training set's table unless the config gives
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from omniseg.checkpoint import save_checkpoint
 from omniseg.data import open_dataset
@@ -57,6 +59,27 @@ def class_weights_from_labels(train_set: TrainingSet, num_classes: int) -> list[
     freq = counts / max(counts.sum(), 1.0)
     weights = 1.0 / np.log(1.02 + freq)
     return (weights / weights.mean()).round(4).tolist()
+
+
+def repeat_factors(train_set: TrainingSet, num_classes: int, threshold: float) -> np.ndarray:
+    """Per-frame sampling weights of repeat-factor sampling (Gupta et al., LVIS, 2019).
+
+    A class seen (visible in the semantic map) in a fraction ``f_c`` of the training frames gets
+    ``r_c = max(1, sqrt(threshold / f_c))``; a frame gets the largest ``r_c`` of its classes (1 when
+    it shows none). Frames with trucks, trains or motorcycles are then drawn several times as
+    often as frames of road and cars alone, without any crop being reweighted.
+    """
+    if threshold <= 0:
+        raise ValueError(f"data.repeat_factor_threshold must be positive, got {threshold}")
+    presence = np.zeros((len(train_set), num_classes), dtype=bool)
+    for i in range(len(train_set)):
+        label = train_set.raw(i)[1]["semantic"]
+        ids = torch.unique(label).long()
+        presence[i, ids[ids < num_classes].numpy()] = True
+    freq = presence.mean(axis=0)
+    per_class = np.where(freq > 0, np.sqrt(threshold / np.maximum(freq, 1e-12)), 1.0)
+    per_class = np.maximum(per_class, 1.0)
+    return np.where(presence, per_class, 1.0).max(axis=1, initial=1.0)
 
 
 class CheckpointAndCurves(Callback):
@@ -180,13 +203,19 @@ def _train_set(train_ds, data_cfg: dict, *, with_segments: bool) -> TrainingSet:
     return TrainingSet(train_ds, transform, with_segments=with_segments, cache=bool(data_cfg.get("cache", False)))
 
 
-def _loaders(train_set: TrainingSet, data_cfg: dict) -> tuple[DataLoader, DataLoader | None]:
+def _loaders(train_set: TrainingSet, data_cfg: dict, seed: int = 0) -> tuple[DataLoader, DataLoader | None]:
     workers = int(data_cfg.get("num_workers", 0))
+    sampler = None
+    threshold = data_cfg.get("repeat_factor_threshold")
+    if threshold is not None:
+        weights = repeat_factors(train_set, len(train_set.categories), float(threshold))
+        generator = torch.Generator().manual_seed(seed)
+        sampler = WeightedRandomSampler(weights.tolist(), num_samples=len(train_set), replacement=True, generator=generator)
     val_set = EvaluationSet(open_dataset(data_cfg["val"])) if data_cfg.get("val") else None
     if val_set is not None and val_set.categories.ids != train_set.categories.ids:
         raise ValueError(f"validation categories {val_set.categories.ids} differ from training {train_set.categories.ids}")
     train_loader = DataLoader(
-        train_set, batch_size=int(data_cfg.get("batch_size", 8)), shuffle=True, drop_last=True,
+        train_set, batch_size=int(data_cfg.get("batch_size", 8)), shuffle=sampler is None, sampler=sampler, drop_last=True,
         num_workers=workers, persistent_workers=workers > 0, collate_fn=collate,
     )  # fmt: skip
     val_loader = None
@@ -251,7 +280,7 @@ def build_training(config: dict) -> tuple[L.Trainer, SegmentationTask, DataLoade
     attach_categories(model, categories)
     # the checkpoint records every builder argument, and carries all weights itself
     model_cfg = {k: v for k, v in getattr(model, "config", model_cfg).items() if k != "pretrained_backbone"}
-    train_loader, val_loader = _loaders(train_set, data_cfg)
+    train_loader, val_loader = _loaders(train_set, data_cfg, seed=int(train_cfg.get("seed", 0)))
 
     epochs = int(train_cfg.get("epochs", 10))
     devices = int(train_cfg.get("devices", 1))
