@@ -175,7 +175,7 @@ def test_matches_hf_oneformer_for_every_task(pre_norm, size):
         task_ids = task_token_ids(task)[None].expand(2, -1)
         with torch.no_grad():
             expected = hf(images, task_ids, output_auxiliary_logits=True)
-            outputs = ours.decode(ours.backbone(images), task_ids)
+            outputs = ours.decode(ours.backbone(images), task_ids, aux=True)
             raw = ours(images, task=task)
         class_diff, mask_diff = _max_diff(outputs, expected)
         query_diff = (
@@ -186,7 +186,9 @@ def test_matches_hf_oneformer_for_every_task(pre_norm, size):
             f"queries {query_diff:.3g}"
         )
         assert class_diff < 1e-4 and mask_diff < 1e-4 and query_diff < 1e-4
-        assert torch.equal(raw["mask_logits"], outputs["mask_logits"]) and raw["task"] == task
+        # inference: attention masks from resized mask features, no earlier full-size masks; same result
+        assert (raw["mask_logits"] - outputs["mask_logits"]).abs().max() < 1e-5 and raw["task"] == task
+        assert (raw["class_logits"] - outputs["class_logits"]).abs().max() < 1e-5
         assert raw["class_logits"].shape == (2, 8, len(CATEGORIES) + 1)
     # the task token changes the prediction (the conditioning is live)
     with torch.no_grad():
@@ -209,7 +211,7 @@ def test_whole_hf_model_converts_with_a_timm_swin_backbone(size):
         task_ids = task_token_ids(task)[None]
         with torch.no_grad():
             expected = hf(images, task_ids, output_auxiliary_logits=True)
-            outputs = ours.decode(ours.backbone(images), task_ids)
+            outputs = ours.decode(ours.backbone(images), task_ids, aux=True)
         class_diff, mask_diff = _max_diff(outputs, expected)
         print(f"swin {task}: max |ours - HF| class {class_diff:.3g}, mask {mask_diff:.3g}")
         assert class_diff < 1e-4 and mask_diff < 1e-4

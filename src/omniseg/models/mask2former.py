@@ -158,11 +158,11 @@ class Mask2Former(nn.Module):
         self.top_k = top_k
 
     # ------------------------------------------------------------------------------ forward
-    def decode(self, features: Sequence[Tensor]) -> dict[str, Any]:
+    def decode(self, features: Sequence[Tensor], *, aux: bool | None = None) -> dict[str, Any]:
         """Backbone maps ``[C4, C8, C16, C32]`` -> ``{"class_logits", "mask_logits", "aux_outputs"}``
-        (see :class:`MaskedAttentionDecoder`)."""
+        (see :class:`MaskedAttentionDecoder`; ``aux``, by default in training, fills ``aux_outputs``)."""
         mask_features, multi_scale = self.pixel_decoder(features)
-        return self.transformer_decoder(multi_scale, mask_features)
+        return self.transformer_decoder(multi_scale, mask_features, aux=aux)
 
     def forward(
         self, images: Tensor | Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None

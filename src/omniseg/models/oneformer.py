@@ -222,10 +222,13 @@ class OneFormer(Mask2Former):
         self._class_text_ids: Tensor | None = None  # tokenised lazily: only training needs the vocabulary
 
     # ------------------------------------------------------------------------------ forward
-    def decode(self, features: Sequence[Tensor], task_ids: Tensor) -> dict[str, Any]:  # type: ignore[override]
+    def decode(  # type: ignore[override]
+        self, features: Sequence[Tensor], task_ids: Tensor, *, aux: bool | None = None
+    ) -> dict[str, Any]:
         """Backbone maps + tokenised task texts ``(B, task_seq_len)`` -> ``{"class_logits",
         "mask_logits", "aux_outputs", "contrastive_queries" (B, Q, C)}`` (the queries entering the
-        decoder, which the contrastive loss compares with the text queries)."""
+        decoder, which the contrastive loss compares with the text queries; ``aux``, by default in
+        training, fills ``aux_outputs``)."""
         mask_features, multi_scale = self.pixel_decoder(features)
         decoder = self.transformer_decoder
         task_token = self.task_mlp(task_ids.to(mask_features.dtype))
@@ -235,7 +238,7 @@ class OneFormer(Mask2Former):
             task_token if self.use_task_norm else None, decoder.query_embed.weight[:-1], mask_features
         )
         queries = torch.cat([object_queries, task_token[:, None]], 1)
-        outputs = decoder(multi_scale, mask_features, queries=queries)
+        outputs = decoder(multi_scale, mask_features, queries=queries, aux=aux)
         return {**outputs, "contrastive_queries": queries}
 
     def _task_names(self, task: str | Sequence[str] | None, batch: int) -> list[str]:

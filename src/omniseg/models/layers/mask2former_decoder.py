@@ -336,27 +336,44 @@ class MaskedAttentionDecoder(nn.Module):
                 _c2_xavier_fill(projection)
 
     def predict(
-        self, queries: Tensor, mask_features: Tensor, attention_size: Sequence[int]
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, queries: Tensor, mask_features: Tensor, attention_size: Sequence[int] | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Class logits, mask logits and the next layer's attention mask ``(B * heads, Q, h * w)``
-        (True = masked: the mask, resized to the next level, has probability below 0.5)."""
+        (see :meth:`attention_mask`; ``None`` without an ``attention_size``: after the last layer)."""
         queries = self.layernorm(queries)
         class_logits = self.class_embed(queries)
         mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(queries), mask_features)
+        if attention_size is None:
+            return class_logits, mask_logits, None
         with torch.no_grad():
-            resized = F.interpolate(
-                mask_logits, size=tuple(attention_size), mode="bilinear", align_corners=False
-            )
-            mask = resized.sigmoid().flatten(2) < 0.5
-            # a query whose mask is empty at this level attends everywhere instead of nowhere
+            resized = F.interpolate(mask_logits, size=tuple(attention_size), mode="bilinear", align_corners=False)
+        return class_logits, mask_logits, self.attention_mask(resized)
+
+    def attention_mask(self, mask_logits: Tensor) -> Tensor:
+        """True where a query may not attend: its mask (at the next level's size) has probability
+        below 0.5; a query whose mask is empty at that level attends everywhere instead of nowhere."""
+        with torch.no_grad():
+            mask = mask_logits.sigmoid().flatten(2) < 0.5
             mask &= ~mask.all(-1, keepdim=True)
-            mask = mask[:, None].expand(-1, self.num_heads, -1, -1).flatten(0, 1)
-        return class_logits, mask_logits, mask
+            return mask[:, None].expand(-1, self.num_heads, -1, -1).flatten(0, 1)
 
     def forward(
-        self, features: Sequence[Tensor], mask_features: Tensor, queries: Tensor | None = None
+        self,
+        features: Sequence[Tensor],
+        mask_features: Tensor,
+        queries: Tensor | None = None,
+        *,
+        aux: bool | None = None,
     ) -> dict:
-        """``queries (B, Q, C)``, when given, replace the learnt ``query_feat`` as the initial queries."""
+        """``queries (B, Q, C)``, when given, replace the learnt ``query_feat`` as the initial queries.
+
+        ``aux`` (default: in training) also returns every earlier layer's prediction at full size
+        (deep supervision). Without it only the last layer's is made: the earlier layers' masks are
+        needed only for the attention masks, at the levels' sizes, and bilinear resizing is linear,
+        so ``resize(embed @ mask_features) = embed @ resize(mask_features)`` -- the mask features are
+        resized once per level and no (B, Q, H/4, W/4) map is built for them (a quarter of the
+        decoder's time at 512x512; the same masks up to float rounding)."""
+        aux = self.training if aux is None else aux
         memories, positions, sizes = [], [], []
         for i, x in enumerate(features[: self.num_levels]):
             sizes.append(tuple(x.shape[-2:]))
@@ -371,13 +388,29 @@ class MaskedAttentionDecoder(nn.Module):
                 raise ValueError("this decoder learns no query features: pass the initial queries")
             queries = self.query_feat.weight[None].expand(batch, -1, -1)
         query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
-        class_logits, mask_logits, mask = self.predict(queries, mask_features, sizes[0])
-        predictions = [{"class_logits": class_logits, "mask_logits": mask_logits}]
+        if aux:
+            class_logits, mask_logits, mask = self.predict(queries, mask_features, sizes[0])
+            predictions = [{"class_logits": class_logits, "mask_logits": mask_logits}]
+        else:
+            resized_features = [
+                F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False) for size in sizes
+            ]
+            mask = self._low_resolution_mask(queries, resized_features[0])
         for i, layer in enumerate(self.layers):
-            level = i % self.num_levels
-            queries = layer(queries, query_pos, memories[level], positions[level], mask)
-            class_logits, mask_logits, mask = self.predict(
-                queries, mask_features, sizes[(i + 1) % self.num_levels]
-            )
-            predictions.append({"class_logits": class_logits, "mask_logits": mask_logits})
+            queries = layer(queries, query_pos, memories[i % self.num_levels], positions[i % self.num_levels], mask)
+            next_level = (i + 1) % self.num_levels
+            if aux:
+                last = i == len(self.layers) - 1
+                class_logits, mask_logits, mask = self.predict(queries, mask_features, None if last else sizes[next_level])
+                predictions.append({"class_logits": class_logits, "mask_logits": mask_logits})
+            elif i < len(self.layers) - 1:
+                mask = self._low_resolution_mask(queries, resized_features[next_level])
+        if not aux:
+            class_logits, mask_logits, _ = self.predict(queries, mask_features, None)
+            return {"class_logits": class_logits, "mask_logits": mask_logits, "aux_outputs": []}
         return {**predictions[-1], "aux_outputs": predictions[:-1]}
+
+    def _low_resolution_mask(self, queries: Tensor, resized_mask_features: Tensor) -> Tensor:
+        with torch.no_grad():
+            embedding = self.mask_embed(self.layernorm(queries))
+            return self.attention_mask(torch.einsum("bqc,bchw->bqhw", embedding, resized_mask_features))
