@@ -108,3 +108,17 @@ def test_one_pass_scores_every_metric_as_separate_evaluations_do(checkpoint_and_
     for metric in ("semantic", "panoptic"):
         alone, _ = evaluate_checkpoint(predictor, spec, metric=metric, progress=False)
         assert json.dumps(alone, default=float) == json.dumps(scored.results[metric], default=float)
+
+
+def test_evaluation_progress_in_a_log_is_lines_not_redraws(checkpoint_and_data, capsys):
+    """Off a terminal (pytest's captured stderr is not one) evaluation reports as segment does:
+    whole lines, no carriage-return redraws, and a summary without a 'skipped' count."""
+    from omniseg.cli import parse_data_arg
+    from omniseg.evaluate import score_predictions
+
+    ckpt, data, _ = checkpoint_and_data
+    capsys.readouterr()
+    score_predictions(load_predictor(ckpt), parse_data_arg(data), task="semantic", metrics=["semantic"])
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "evaluate: done, 2 images in" in err and "skipped" not in err

@@ -380,7 +380,8 @@ class Progress:
     """Progress of ``total`` images: a live tqdm bar when ``stream`` is a terminal; otherwise
     (a log file, a batch system) one line every ``every`` images or ``seconds`` seconds, whichever
     comes first, since carriage-return redraws make one endless line in a log. ``quiet`` prints
-    errors only. :meth:`close` prints the summary line."""
+    errors only. :meth:`close` prints the summary line (with the ``skipped`` count of images done
+    before, unless it is ``None``: nothing is skipped, e.g. in evaluation)."""
 
     def __init__(
         self,
@@ -390,7 +391,7 @@ class Progress:
         quiet: bool = False,
         every: int | None = None,
         seconds: float = 30.0,
-        skipped: int = 0,
+        skipped: int | None = 0,
         desc: str = "segment",
     ) -> None:
         self.total, self.quiet, self.skipped, self.desc = total, quiet, skipped, desc
@@ -437,9 +438,10 @@ class Progress:
         if self.quiet:
             return
         elapsed = time.monotonic() - self.start
+        skipped = "" if self.skipped is None else f", {self.skipped} skipped (already done)"
         print(
             f"{self.desc}: done, {self.done} images in {_clock(elapsed)} ({self.done / max(elapsed, 1e-9):.2f} img/s), "
-            f"{self.failed} failed, {self.skipped} skipped (already done)",
+            f"{self.failed} failed{skipped}",
             file=self.stream, flush=True,
         )  # fmt: skip
 
