@@ -19,7 +19,11 @@ from omniseg.models.hf_import import (
     mask2former_from_hf_directory,
     swin_backbone_from_hf,
 )
-from omniseg.models.layers.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
+from omniseg.models.layers.ms_deform_attn import (
+    MSDeformAttn,
+    grid_sample_deformable_attention,
+    multi_scale_deformable_attention,
+)
 from omniseg.models.mask2former import Mask2Former
 from omniseg.structures import CategoryTable, Segments
 
@@ -122,32 +126,13 @@ def test_deformable_attention_equals_hf():
     )
 
 
-def _grid_sample_deformable_attention(value, shapes, locations, weights):
-    """Deformable DETR's ``ms_deform_attn_core_pytorch`` form: one grid_sample per level, then the
-    weighted sum over points -- the reference the embedding_bag form must equal, gradients included."""
-    batch, _, heads, channels = value.shape
-    _, queries, _, levels, points, _ = locations.shape
-    per_level = value.split([h * w for h, w in shapes], dim=1)
-    grids = (2 * locations - 1).transpose(1, 2).flatten(0, 1)
-    samples = [
-        torch.nn.functional.grid_sample(
-            per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, channels, h, w),
-            grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False,
-        )
-        for level, (h, w) in enumerate(shapes)
-    ]  # fmt: skip
-    w = weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
-    out = (torch.stack(samples, dim=-2).flatten(-2) * w).sum(-1)
-    return out.view(batch, heads * channels, queries).transpose(1, 2)
-
-
 def test_deformable_attention_gradients_equal_grid_sample():
     """Training differentiates the sum w.r.t. values, locations (through the bilinear weights) and
     attention weights: all three equal grid_sample's."""
     g = torch.Generator().manual_seed(2)
     inputs = _random_attention_inputs(g, batch=2, heads=4, channels=8, queries=40, points=3)
     grads = []
-    for function in (multi_scale_deformable_attention, _grid_sample_deformable_attention):
+    for function in (multi_scale_deformable_attention, grid_sample_deformable_attention):
         value, shapes, locations, weights = (x.clone().requires_grad_() if torch.is_tensor(x) else x for x in inputs)
         out = function(value, shapes, locations, weights)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()

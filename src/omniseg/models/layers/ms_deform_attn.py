@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MSDeformAttn", "multi_scale_deformable_attention"]
+__all__ = ["MSDeformAttn", "grid_sample_deformable_attention", "multi_scale_deformable_attention"]
 
 
 def multi_scale_deformable_attention(
@@ -39,8 +39,8 @@ def multi_scale_deformable_attention(
     corner pixels with weights ``(1 - |dx|)(1 - |dy|)``. Times the sample's attention weight, each
     output row ``(b, q, m)`` is a weighted sum of ``L * P * 4`` rows of ``value`` -- one
     ``F.embedding_bag`` over all of them. That is the same sum as a ``grid_sample`` per level
-    followed by the weighted sum over points (Deformable DETR's ``ms_deform_attn_core_pytorch``,
-    tested equal), but the corner weights are computed once per sample instead of once per channel
+    followed by the weighted sum over points (:func:`grid_sample_deformable_attention`, tested
+    equal), but the corner weights are computed once per sample instead of once per channel
     and no ``(B*M, D, Q, L*P)`` tensor of samples is built: 2.8x faster on a CPU at a 512x512 input.
     """
     batch, positions, heads, channels = value.shape
@@ -85,6 +85,35 @@ def multi_scale_deformable_attention(
         mode="sum",
     )  # bags ordered (b, q, m): already (B, Q, M, D)
     return output.view(batch, queries, heads * channels)
+
+
+def grid_sample_deformable_attention(
+    value: Tensor,
+    spatial_shapes: Sequence[Sequence[int]] | Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """The same sum as :func:`multi_scale_deformable_attention` in Deformable DETR's own
+    ``ms_deform_attn_core_pytorch`` form: one ``F.grid_sample`` per level, then the weighted sum over
+    points. Kept as the reference the faster form is tested against (values and gradients)."""
+    batch, _, heads, channels = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    shapes = [
+        (int(h), int(w))
+        for h, w in (spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else spatial_shapes)
+    ]
+    per_level = value.split([h * w for h, w in shapes], dim=1)
+    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # [-1, 1], one grid per (batch, head)
+    samples = [
+        F.grid_sample(
+            per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, channels, h, w),
+            grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False,
+        )
+        for level, (h, w) in enumerate(shapes)
+    ]  # fmt: skip  (each (B*M, D, Q, P))
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    output = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)  # (B*M, D, Q)
+    return output.view(batch, heads * channels, queries).transpose(1, 2).contiguous()
 
 
 class MSDeformAttn(nn.Module):
