@@ -417,3 +417,16 @@ def test_post_process_gives_segments_of_the_input_size(size):
             assert segments[0].to_semantic().shape == size
     with pytest.raises(ValueError, match="does not do"):
         model.post_process(outputs, [size, size], task="detection")
+
+
+def test_cached_position_tokens_are_the_embedding_and_serve_training_after_inference():
+    from omniseg.models.layers.mask2former_decoder import sine_position_embedding, sine_position_tokens
+
+    with torch.inference_mode():  # first asked for by inference...
+        tokens = sine_position_tokens((5, 7), 8)
+    assert torch.equal(tokens, sine_position_embedding((5, 7), 8).flatten(2).transpose(1, 2))
+    assert sine_position_tokens((5, 7), 8) is tokens  # made once
+    assert not tokens.is_inference()
+    weight = torch.ones(16, requires_grad=True)
+    (tokens * weight).sum().backward()  # ...then used where autograd saves it
+    assert torch.allclose(weight.grad, tokens.sum((0, 1)))

@@ -76,6 +76,8 @@ def multi_scale_deformable_attention(
     m = torch.arange(heads, device=device).view(1, 1, heads, 1, 1, 1)
     top_left = (b * positions + starts + y0 * widths + x0) * heads + m
     corner_step = torch.cat([torch.zeros_like(widths), torch.ones_like(widths), widths, widths + 1], dim=-1) * heads
+    if batch * positions * heads < 2**31:  # int32 row indices: half the memory traffic of the (..., 4) sums
+        top_left, corner_step = top_left.int(), corner_step.int()
     # a corner outside the map has coefficient 0; clamping only keeps its row index valid
     rows = (top_left + corner_step).clamp_(0, batch * positions * heads - 1)
     output = F.embedding_bag(

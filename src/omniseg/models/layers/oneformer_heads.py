@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniseg.models.layers.mask2former_decoder import MLP, sine_position_embedding
+from omniseg.models.layers.mask2former_decoder import MLP, sine_position_tokens
 
 __all__ = ["QueryTransformer", "QueryTransformerLayer", "TextEncoder", "TextEncoderLayer", "TextMapper"]
 
@@ -44,19 +44,32 @@ class QueryTransformerLayer(nn.Module):
     def _self(self, x: Tensor, query_pos: Tensor) -> Tensor:
         return self.self_attn(x + query_pos, x + query_pos, x, need_weights=False)[0]
 
-    def _cross(self, x: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor) -> Tensor:
-        return self.multihead_attn(x + query_pos, memory + memory_pos, memory, need_weights=False)[0]
+    def _cross(self, x: Tensor, query_pos: Tensor, memory: Tensor, memory_key: Tensor) -> Tensor:
+        return self.multihead_attn(x + query_pos, memory_key, memory, need_weights=False)[0]
 
     def _ffn(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
-    def forward(self, x: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        query_pos: Tensor,
+        memory: Tensor,
+        memory_pos: Tensor | None = None,
+        *,
+        memory_key: Tensor | None = None,
+    ) -> Tensor:
+        """Keys are ``memory + memory_pos``, or ``memory_key`` when the caller has summed them."""
+        if memory_key is None:
+            if memory_pos is None:
+                raise ValueError("pass memory_pos or memory_key")
+            memory_key = memory + memory_pos
         if self.pre_norm:
             x = x + self.dropout(self._self(self.norm1(x), query_pos))
-            x = x + self.dropout(self._cross(self.norm2(x), query_pos, memory, memory_pos))
+            x = x + self.dropout(self._cross(self.norm2(x), query_pos, memory, memory_key))
             return x + self.dropout(self._ffn(self.norm3(x)))
         x = self.norm1(x + self.dropout(self._self(x, query_pos)))
-        x = self.norm2(x + self.dropout(self._cross(x, query_pos, memory, memory_pos)))
+        x = self.norm2(x + self.dropout(self._cross(x, query_pos, memory, memory_key)))
         return self.norm3(x + self.dropout(self._ffn(x)))
 
 
@@ -100,18 +113,18 @@ class QueryTransformer(nn.Module):
     def forward(self, task_token: Tensor | None, query_pos: Tensor, mask_features: Tensor) -> Tensor:
         batch, _, h, w = mask_features.shape
         # the memory's values are the positions themselves; its keys add the projected features
-        memory = sine_position_embedding(
+        memory = sine_position_tokens(
             (h, w), self.hidden_dim // 2, device=mask_features.device, dtype=mask_features.dtype
-        )
-        memory = memory.flatten(2).transpose(1, 2).expand(batch, -1, -1)
-        memory_pos = self.input_projection(mask_features).flatten(2).transpose(1, 2)
+        ).expand(batch, -1, -1)
+        # the keys (values + projected features) are the same for every layer: summed once
+        memory_key = memory + self.input_projection(mask_features).flatten(2).transpose(1, 2)
         query_pos = query_pos[None].expand(batch, -1, -1)
         if task_token is None:
             x = torch.zeros_like(query_pos)
         else:
             x = task_token[:, None].expand(-1, query_pos.shape[1], -1)
         for layer in self.layers:
-            x = layer(x, query_pos, memory, memory_pos)
+            x = layer(x, query_pos, memory, memory_key=memory_key)
         return self.norm(x)
 
 
