@@ -30,7 +30,8 @@ CONFIGS = {
     "MaX-DeepLab": ("configs/cityscapes_max_deeplab_lite0.yaml", {}),
     "Panoptic FPN": (
         "configs/cityscapes_panoptic_fpn_lite0.yaml",
-        {"box_score_thresh": 0.0, "box_detections_per_img": 100},
+        # at the frame's own size like the other two (its training config runs it at half size)
+        {"box_score_thresh": 0.0, "box_detections_per_img": 100, "min_size": None, "max_size": 1280},
     ),
 }
 
