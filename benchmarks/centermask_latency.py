@@ -32,7 +32,7 @@ CONFIGS = {
     "CenterMask": ("configs/cityscapes_centermask_lite0.yaml", {}),
     "Mask R-CNN": (
         "configs/cityscapes_mask_rcnn_lite0.yaml",
-        # at the input's own size like CenterMask (its training config runs it at half size)
+        # at the input's own size like CenterMask, whatever the config's min_size
         {"box_score_thresh": 0.0, "box_detections_per_img": 100, "min_size": None, "max_size": 1333},
     ),
 }
