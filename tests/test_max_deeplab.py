@@ -295,6 +295,55 @@ def test_loss_weights_and_names():
     assert losses["loss_semantic"].item() == pytest.approx(ce.item(), rel=1e-6)
 
 
+def test_auxiliary_predictions_at_a_coarser_resolution_are_scored_resized():
+    """kMaX's layers predict at strides 32..8: the loss scores each such prediction as its mask logits
+    and (re-normalised) pixel embeddings bilinearly resized to the final prediction's size."""
+    generator = torch.Generator().manual_seed(3)
+    semantic = torch.zeros(8, 8, dtype=torch.int64)
+    semantic[4:] = 1
+    target = {
+        "labels": torch.tensor([0, 1]),
+        "masks": torch.stack([semantic == 0, semantic == 1]),
+        "is_thing": torch.tensor([True, False]),
+        "semantic": semantic,
+    }
+    final = {
+        "class_logits": torch.randn(1, 4, 3, generator=generator),
+        "mask_logits": torch.randn(1, 4, 8, 8, generator=generator),
+        "pixel_embeddings": F.normalize(torch.randn(1, 5, 8, 8, generator=generator), dim=1),
+    }
+    coarse = {
+        "class_logits": torch.randn(1, 4, 3, generator=generator),
+        "mask_logits": torch.randn(1, 4, 2, 2, generator=generator),
+        "pixel_embeddings": F.normalize(torch.randn(1, 5, 2, 2, generator=generator), dim=1),
+    }
+    resized = {
+        "class_logits": coarse["class_logits"],
+        "mask_logits": F.interpolate(coarse["mask_logits"], size=(8, 8), mode="bilinear", align_corners=False),
+        "pixel_embeddings": F.normalize(
+            F.interpolate(coarse["pixel_embeddings"], size=(8, 8), mode="bilinear", align_corners=False), dim=1
+        ),
+    }
+    loss = MaXDeepLabLoss(semantic_weight=0.0)
+    ours = loss({**final, "aux_outputs": [coarse]}, [target])
+    expected = loss({**final, "aux_outputs": [resized]}, [target])
+    assert set(ours) == set(expected) and "loss_pq_dice_0" in ours
+    for name in ours:
+        assert ours[name].item() == pytest.approx(expected[name].item(), rel=1e-6)
+    # and the resized prediction is not the final one: the auxiliary terms are its own
+    assert ours["loss_pq_dice_0"].item() != pytest.approx(ours["loss_pq_dice"].item(), rel=1e-3)
+
+
+def test_kmax_layers_predict_on_their_own_maps():
+    """deeplab2's kMaX: each k-means layer's prediction (and its clustering) is made on that layer's
+    map (strides 32, 16, 8), the final one on the stride-4 map."""
+    model = _tiny_model("kmax_deeplab").eval()
+    with torch.no_grad():
+        outputs = model.decode(model.backbone(torch.randn(1, 3, 64, 96)))
+    assert [tuple(a["mask_logits"].shape[-2:]) for a in outputs["aux_outputs"]] == [(2, 3), (4, 6), (8, 12)]
+    assert tuple(outputs["mask_logits"].shape[-2:]) == (16, 24)
+
+
 def test_loss_handles_an_empty_image_and_more_segments_than_slots():
     generator = torch.Generator().manual_seed(0)
     outputs = {

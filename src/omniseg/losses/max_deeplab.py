@@ -158,12 +158,22 @@ def _downsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps[None].float(), size=size, mode="nearest")[0].to(maps.dtype)
 
 
+def _at_size(output: Mapping[str, Tensor], size: tuple[int, int]) -> Mapping[str, Tensor]:
+    """An auxiliary prediction made at another resolution (kMaX's layers at strides 32..8), its mask
+    logits and pixel embeddings resized bilinearly to ``size`` (the embeddings re-normalised)."""
+    if tuple(output["mask_logits"].shape[-2:]) == size:
+        return output
+    mask_logits = F.interpolate(output["mask_logits"], size=size, mode="bilinear", align_corners=False)
+    embeddings = F.interpolate(output["pixel_embeddings"], size=size, mode="bilinear", align_corners=False)
+    return {**output, "mask_logits": mask_logits, "pixel_embeddings": F.normalize(embeddings, dim=1)}
+
+
 class MaXDeepLabLoss:
     """All MaX-DeepLab losses of a batch (deeplab2's defaults; see the module docstring).
 
     ``outputs``: ``class_logits (B, N, C + 1)``, ``mask_logits (B, N, h, w)``, ``pixel_embeddings
     (B, E, h, w)``, ``semantic_logits (B, C, h', w')`` and optionally ``aux_outputs`` (a list of dicts
-    with the first three). ``targets``: per image ``labels (K,)`` class indices, ``masks (K, H, W)``
+    with the first three, resized to the final prediction's size where they are smaller). ``targets``: per image ``labels (K,)`` class indices, ``masks (K, H, W)``
     bool, ``is_thing (K,)`` bool and ``semantic (H, W)`` class indices (``ignore_index`` = void).
     Returns ``loss_pq_class``, ``loss_pq_dice``, ``loss_mask_id``, ``loss_instance``,
     ``loss_semantic`` (already weighted) and ``<name>_<i>`` for auxiliary output ``i``.
@@ -216,7 +226,7 @@ class MaXDeepLabLoss:
         if len(targets) != class_logits.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {class_logits.shape[0]}")
         size = (int(mask_logits.shape[-2]), int(mask_logits.shape[-1]))
-        aux = list(outputs.get("aux_outputs", ()))
+        aux = [_at_size(output, size) for output in outputs.get("aux_outputs", ())]
         totals: dict[str, Tensor] = {}
         for b, target in enumerate(targets):
             device = mask_logits.device

@@ -7,9 +7,11 @@ adds its pixels' values (:mod:`omniseg.models.layers.kmeans_attention`)::
     backbone C4..C32 -> pixel decoder (1x1 projections; axial blocks at strides 32 and 16, conv
                         blocks at 8 and 4; bilinear up + sum)  -> F32, F16, F8, F4
     transformer decoder: ``layers_per_stage`` k-means layers on each of F32, F16, F8 (deeplab2: 2
-                         each, 6 in all), every layer predicting at stride 4 from F4 (supervised:
-                         deep supervision with the final output's matching)
-    heads on F4 with the final centres: class (C + 1), mask-ID logits, pixel embedding; semantic head.
+                         each, 6 in all), every layer predicting on its own map (deeplab2's kMaX
+                         predictor; deep supervision: the predictions resized to stride 4, scored
+                         with the final output's matching)
+    heads on F4 with the final centres: class (C + 1), mask-ID logits, pixel embedding (the same
+    depthwise predictor); semantic head.
 
 Shares the losses (:class:`omniseg.losses.max_deeplab.MaXDeepLabLoss`), heads and inference with
 :mod:`omniseg.models.max_deeplab`; post-processing is kMaX's mask-wise merge (class thresholds 0.7
@@ -121,7 +123,9 @@ class KMaXDeepLab(MaskIDModel):
         )
         self.layers_per_stage = layers_per_stage
         self.deep_supervision = deep_supervision
-        self.heads = MaskIDHeads(width, memory_channels, num_classes, embedding_dim=embedding_dim)
+        self.heads = MaskIDHeads(
+            width, memory_channels, num_classes, embedding_dim=embedding_dim, pixel_head="depthwise"
+        )
         self.semantic_head = semantic_head(width, num_classes)
         self.criterion = MaXDeepLabLoss(
             pq_weight=pq_weight,
@@ -149,7 +153,7 @@ class KMaXDeepLab(MaskIDModel):
         centres = self.centres[None].expand(pixel_space.shape[0], -1, -1)
         aux_outputs = []
         for i, layer in enumerate(self.layers):
-            centres, prediction = layer(maps[i // self.layers_per_stage], pixel_space, centres)
+            centres, prediction = layer(maps[i // self.layers_per_stage], centres)
             aux_outputs.append(prediction)
         outputs: dict[str, Any] = self.heads(pixel_space, centres)
         outputs["semantic_logits"] = self.semantic_head(pixel_space)

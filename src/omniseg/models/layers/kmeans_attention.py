@@ -4,11 +4,11 @@ Cross-attention between ``N`` queries and ``HW`` pixels normally takes a softmax
 for every query. kMaX reads the queries as cluster centres and the cross-attention as one k-means
 step:
 
-* assignment: the layer's own prediction head gives mask logits from the current centres on the
-  stride-4 pixel embedding (the map every layer's prediction is made and supervised at); resized
-  bilinearly to this layer's pixel map ``(B, N, H, W)``, each pixel goes to its best centre,
-  ``A = one_hot(argmax_N(logits))`` -- a hard assignment over the *clusters* (deeplab2:
-  ``clustering_result``), no gradient through it;
+* assignment: the layer's own prediction head (deeplab2's kMaX predictor: depthwise pixel head)
+  gives mask logits from the current centres on this layer's pixel map ``(B, N, H, W)`` (stride
+  32, 16 or 8; deeplab2's ``pixel_space``, a 1x1 conv + BN + GELU of the decoder map), each pixel
+  goes to its best centre, ``A = one_hot(argmax_N(logits))`` -- a hard assignment over the
+  *clusters* (deeplab2: ``clustering_result``), no gradient through it;
 * update: each centre adds the sum of the values of its pixels, ``A @ V`` (batch-normalised, then
   projected), the residual way.
 
@@ -36,11 +36,11 @@ def kmeans_assignment(mask_logits: Tensor) -> Tensor:
 
 
 class KMeansCrossAttentionLayer(nn.Module):
-    """One kMaX transformer decoder layer on ``pixel (B, C, H, W)`` (this stage's decoder map),
-    ``pixel_space (B, C4, H4, W4)`` (the stride-4 map) and ``centres (B, N, D)``.
+    """One kMaX transformer decoder layer on ``pixel (B, C, H, W)`` (this stage's decoder map) and
+    ``centres (B, N, D)``.
 
     Returns the updated centres and the layer's prediction (``class_logits``, ``mask_logits``,
-    ``pixel_embeddings`` at stride 4) made before the update.
+    ``pixel_embeddings`` at this map's resolution) made before the update.
     """
 
     def __init__(
@@ -49,7 +49,6 @@ class KMeansCrossAttentionLayer(nn.Module):
         memory_channels: int,
         num_classes: int,
         *,
-        pixel_space_channels: int | None = None,
         value_channels: int = 256,
         num_heads: int = 8,
         ffn_channels: int = 2048,
@@ -57,8 +56,11 @@ class KMeansCrossAttentionLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.pixel_space = nn.Sequential(
+            nn.GELU(), nn.Conv2d(pixel_channels, pixel_channels, 1, bias=False), nn.BatchNorm2d(pixel_channels), nn.GELU()
+        )
         self.predictor = MaskIDHeads(
-            pixel_space_channels or pixel_channels, memory_channels, num_classes, embedding_dim=embedding_dim
+            pixel_channels, memory_channels, num_classes, embedding_dim=embedding_dim, pixel_head="depthwise"
         )
         self.pixel_value = nn.Sequential(
             nn.Conv2d(pixel_channels, value_channels, 1, bias=False), nn.BatchNorm2d(value_channels)
@@ -74,15 +76,11 @@ class KMeansCrossAttentionLayer(nn.Module):
         )
         self.ffn_norm = MemoryNorm(memory_channels)
 
-    def forward(
-        self, pixel: Tensor, pixel_space: Tensor, centres: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, pixel: Tensor, centres: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        pixel_space = self.pixel_space(pixel)
         prediction = self.predictor(pixel_space, centres)
-        logits = prediction["mask_logits"].detach()
-        if logits.shape[-2:] != pixel.shape[-2:]:
-            logits = F.interpolate(logits, size=pixel.shape[-2:], mode="bilinear", align_corners=False)
-        assignment = kmeans_assignment(logits)  # (B, N, HW)
-        values = self.pixel_value(pixel).flatten(2).transpose(1, 2)  # (B, HW, Cv)
+        assignment = kmeans_assignment(prediction["mask_logits"])  # (B, N, HW)
+        values = self.pixel_value(pixel_space).flatten(2).transpose(1, 2)  # (B, HW, Cv)
         update = self.update_out_norm(self.update_out(F.relu(self.update_norm(assignment @ values))))
         centres = F.relu(centres + update)
         q, k, v = self.self_qkv(centres).chunk(3, dim=-1)

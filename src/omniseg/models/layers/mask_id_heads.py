@@ -5,8 +5,10 @@ From the memory ``(B, N, D)`` (one vector per mask slot) and a pixel map ``(B, C
 
 * class logits ``(B, N, K + 1)``: two fully connected layers, the last class "no object";
 * mask embeddings ``f (B, N, E)``: two fully connected layers;
-* pixel embeddings ``g (B, E, H, W)``: a 3x3 and a 1x1 convolution, L2-normalised over channels
-  (deeplab2's ``pixel_space_normalized_feature``, also the input of the instance discrimination loss);
+* pixel embeddings ``g (B, E, H, W)``: a 3x3 and a 1x1 convolution (``pixel_head="dense"``), or
+  kMaX's predictor (``"depthwise"``: a 5x5 depthwise and two 1x1 convolutions, a hundredth of the
+  dense head's multiply-adds at 128 channels), L2-normalised over channels (deeplab2's
+  ``pixel_space_normalized_feature``, also the input of the instance discrimination loss);
 * mask logits ``(B, N, H, W) = BN(f . g)``: one batch norm (a single channel) on the dot products,
   which learns their scale; a softmax over the ``N`` slots turns them into mask-ID probabilities.
 """
@@ -29,17 +31,36 @@ class MaskIDHeads(nn.Module):
     ``{"class_logits", "mask_logits", "pixel_embeddings"}``."""
 
     def __init__(
-        self, pixel_channels: int, memory_channels: int, num_classes: int, *, embedding_dim: int = 128
+        self,
+        pixel_channels: int,
+        memory_channels: int,
+        num_classes: int,
+        *,
+        embedding_dim: int = 128,
+        pixel_head: str = "dense",
     ) -> None:
         super().__init__()
         self.class_head = _two_layers(memory_channels, memory_channels, num_classes + 1)
         self.mask_head = _two_layers(memory_channels, memory_channels, embedding_dim)
-        self.pixel_head = nn.Sequential(
-            nn.Conv2d(pixel_channels, pixel_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(pixel_channels),
-            nn.ReLU(),
-            nn.Conv2d(pixel_channels, embedding_dim, 1),
-        )
+        if pixel_head == "dense":
+            self.pixel_head = nn.Sequential(
+                nn.Conv2d(pixel_channels, pixel_channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(pixel_channels),
+                nn.ReLU(),
+                nn.Conv2d(pixel_channels, embedding_dim, 1),
+            )
+        elif pixel_head == "depthwise":  # deeplab2's kMaX predictor (_pixel_space_head_*)
+            self.pixel_head = nn.Sequential(
+                nn.Conv2d(pixel_channels, pixel_channels, 5, padding=2, groups=pixel_channels, bias=False),
+                nn.BatchNorm2d(pixel_channels),
+                nn.GELU(),
+                nn.Conv2d(pixel_channels, pixel_channels, 1, bias=False),
+                nn.BatchNorm2d(pixel_channels),
+                nn.GELU(),
+                nn.Conv2d(pixel_channels, embedding_dim, 1),
+            )
+        else:
+            raise ValueError(f"pixel_head must be 'dense' or 'depthwise', got {pixel_head!r}")
         self.mask_norm = nn.BatchNorm2d(1)
 
     def forward(self, pixel: Tensor, memory: Tensor) -> dict[str, Tensor]:
