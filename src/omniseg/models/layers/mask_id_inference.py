@@ -80,13 +80,21 @@ def mask_id_panoptic_inference(
         logits = F.interpolate(
             image_mask_logits[None].float(), size=size, mode="bilinear", align_corners=False
         )[0]
-        mask_prob = logits.softmax(0)  # over all N slots
         n = len(confidence)
-        prob, owner = mask_prob.masked_fill(~kept[:, None, None], -1.0).max(0)
+        mask_prob = logits.softmax(0)  # over all N slots
+        # one pass over all slots gives kMaX's argmax masks; the kept slots' best only needs another
+        # when some slots were dropped, and then over those kept alone (no masked (N, H, W) copy)
+        top_prob, top_slot = mask_prob.max(0)
+        if bool(kept.all()):
+            prob, owner = top_prob, top_slot
+        else:
+            kept_slots = kept.nonzero().squeeze(1)
+            prob, best = mask_prob.index_select(0, kept_slots).max(0)
+            owner = kept_slots[best]
         owned = prob >= pixel_thresh
         won = torch.bincount(owner[owned], minlength=n)
         if overlap_thresh > 0:  # kMaX: a slot must keep most of its own argmax mask
-            original = torch.bincount(mask_prob.argmax(0).flatten(), minlength=n)
+            original = torch.bincount(top_slot.flatten(), minlength=n)
             survives = won >= overlap_thresh * original.clamp_min(1)
             owned &= survives[owner]
             won = torch.bincount(owner[owned], minlength=n)
