@@ -130,7 +130,7 @@ class MSDeformAttnEncoderLayer(nn.Module):
         x = self.self_attn_layer_norm(
             x + self.dropout(self.self_attn(x + pos, reference_points, x, spatial_shapes))
         )
-        ffn = self.fc2(self.dropout(F.relu(self.fc1(x))))
+        ffn = self.fc2(self.dropout(F.relu(self.fc1(x), inplace=True)))
         return self.final_layer_norm(x + self.dropout(ffn))
 
 
@@ -281,7 +281,7 @@ class MaskedAttentionDecoderLayer(nn.Module):
         return self.self_attn(x + query_pos, x + query_pos, x, need_weights=False)[0]
 
     def _ffn(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+        return self.fc2(self.dropout(F.relu(self.fc1(x), inplace=True)))
 
     def forward(
         self, x: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, mask: Tensor

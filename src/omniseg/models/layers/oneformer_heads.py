@@ -48,7 +48,7 @@ class QueryTransformerLayer(nn.Module):
         return self.multihead_attn(x + query_pos, memory_key, memory, need_weights=False)[0]
 
     def _ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True)))
 
     def forward(
         self,
