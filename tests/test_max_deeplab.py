@@ -334,13 +334,25 @@ def test_auxiliary_predictions_at_a_coarser_resolution_are_scored_resized():
     assert ours["loss_pq_dice_0"].item() != pytest.approx(ours["loss_pq_dice"].item(), rel=1e-3)
 
 
-def test_kmax_layers_predict_on_their_own_maps():
-    """deeplab2's kMaX: each k-means layer's prediction (and its clustering) is made on that layer's
-    map (strides 32, 16, 8), the final one on the stride-4 map."""
+def test_kmax_layers_cluster_by_their_own_predictions_on_their_own_maps(monkeypatch):
+    """deeplab2's kMaX: each k-means layer assigns pixels by the very prediction it returns, made on
+    that layer's map (strides 32, 16, 8); the final prediction is on the stride-4 map."""
+    import omniseg.models.layers.kmeans_attention as kmeans_attention
+
+    clustered = []
+
+    def recording_assignment(mask_logits):
+        clustered.append(mask_logits)
+        return kmeans_assignment(mask_logits)
+
+    monkeypatch.setattr(kmeans_attention, "kmeans_assignment", recording_assignment)
     model = _tiny_model("kmax_deeplab").eval()
     with torch.no_grad():
         outputs = model.decode(model.backbone(torch.randn(1, 3, 64, 96)))
-    assert [tuple(a["mask_logits"].shape[-2:]) for a in outputs["aux_outputs"]] == [(2, 3), (4, 6), (8, 12)]
+    aux = outputs["aux_outputs"]
+    assert len(clustered) == len(aux) == 3
+    assert all(c is a["mask_logits"] for c, a in zip(clustered, aux, strict=True))
+    assert [tuple(a["mask_logits"].shape[-2:]) for a in aux] == [(2, 3), (4, 6), (8, 12)]
     assert tuple(outputs["mask_logits"].shape[-2:]) == (16, 24)
 
 

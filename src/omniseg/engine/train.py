@@ -76,9 +76,8 @@ def repeat_factors(train_set: TrainingSet, num_classes: int, threshold: float) -
         label = train_set.raw(i)[1]["semantic"]
         ids = torch.unique(label).long()
         presence[i, ids[ids < num_classes].numpy()] = True
-    freq = presence.mean(axis=0)
-    per_class = np.where(freq > 0, np.sqrt(threshold / np.maximum(freq, 1e-12)), 1.0)
-    per_class = np.maximum(per_class, 1.0)
+    # a class seen in no frame weighs no frame: its (clipped) factor is never read
+    per_class = np.maximum(np.sqrt(threshold / np.maximum(presence.mean(axis=0), 1e-12)), 1.0)
     return np.where(presence, per_class, 1.0).max(axis=1, initial=1.0)
 
 

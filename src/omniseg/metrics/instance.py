@@ -27,7 +27,8 @@ def coco_evaluate(
     """Run COCOeval (``iou_type`` ``"segm"`` or ``"bbox"``) quietly on in-memory data.
 
     ``gt_dataset`` is a COCO instances dict (``images``, ``annotations``, ``categories``);
-    ``results`` is a COCO results list (or, for boxes, the array form below). Neither is modified. ``engine``: ``"hotcoco"``, ``"pycocotools"`` or ``"auto"`` (hotcoco, else pycocotools).
+    ``results`` is a COCO results list (or, for boxes, the array form below). Neither is
+    modified. ``engine``: ``"hotcoco"``, ``"pycocotools"`` or ``"auto"`` (hotcoco, else pycocotools).
 
     The box array form is what both engines' ``loadRes`` take: ``(N, 7)`` rows ``[image_id, x, y,
     w, h, score, category_id]``, scored as box results (area w x h), with no dict per detection.

@@ -50,20 +50,9 @@ class QueryTransformerLayer(nn.Module):
     def _ffn(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True)))
 
-    def forward(
-        self,
-        x: Tensor,
-        query_pos: Tensor,
-        memory: Tensor,
-        memory_pos: Tensor | None = None,
-        *,
-        memory_key: Tensor | None = None,
-    ) -> Tensor:
-        """Keys are ``memory + memory_pos``, or ``memory_key`` when the caller has summed them."""
-        if memory_key is None:
-            if memory_pos is None:
-                raise ValueError("pass memory_pos or memory_key")
-            memory_key = memory + memory_pos
+    def forward(self, x: Tensor, query_pos: Tensor, memory: Tensor, memory_key: Tensor) -> Tensor:
+        """``memory`` are the values; ``memory_key`` the keys (the values plus their projected
+        features, summed once by :class:`QueryTransformer` for all layers)."""
         if self.pre_norm:
             x = x + self.dropout(self._self(self.norm1(x), query_pos))
             x = x + self.dropout(self._cross(self.norm2(x), query_pos, memory, memory_key))
@@ -124,7 +113,7 @@ class QueryTransformer(nn.Module):
         else:
             x = task_token[:, None].expand(-1, query_pos.shape[1], -1)
         for layer in self.layers:
-            x = layer(x, query_pos, memory, memory_key=memory_key)
+            x = layer(x, query_pos, memory, memory_key)
         return self.norm(x)
 
 
