@@ -437,6 +437,42 @@ def test_shipped_camvid_model_through_the_service() -> None:
     assert toy_r.json()["model"] == "toy"
 
 
+_THREAD_COUNT_AFTER_LOADING = """
+import os
+import sys
+
+import torch
+
+from omniseg.predictor import DEFAULT_MODEL, load_predictor
+from omniseg.serve import create_app
+
+torch.set_num_threads(2)
+before = len(os.listdir("/proc/self/task"))
+create_app([DEFAULT_MODEL]) if sys.argv[1] == "create_app" else load_predictor(DEFAULT_MODEL)
+print(before, len(os.listdir("/proc/self/task")), torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux /proc")
+def test_loading_the_models_starts_no_thread_team_beside_the_workers() -> None:
+    # a second OpenMP team in the process (the loading thread's, idle) made the worker's team
+    # sleep between operators: the CamVid model ran 1.1x slower behind the service than alone
+    import subprocess
+    import sys
+
+    def thread_counts(how: str) -> tuple[int, ...]:
+        command = [sys.executable, "-c", _THREAD_COUNT_AFTER_LOADING, how]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout
+        return tuple(int(v) for v in out.split())
+
+    before, after, _ = thread_counts("load_predictor")  # the control: a plain load on two threads
+    if after == before:
+        pytest.skip("this torch build starts no intra-op threads while loading on two threads")
+    before, after, threads = thread_counts("create_app")
+    assert after == before, "create_app left intra-op threads in the loading thread"
+    assert threads == 2, "the thread setting the workers start from was not restored"
+
+
 class NarrowOnly(DominantChannel):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] > 100:
