@@ -248,6 +248,29 @@ def test_encode_png_round_trips_through_pillow(shape: tuple[int, ...]) -> None:
     assert decoded.shape == array.shape and np.array_equal(decoded, array)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_encode_png_on_threads_is_one_valid_zlib_stream_of_the_same_pixels(threads: int) -> None:
+    import io as _io
+    import zlib
+
+    from PIL import Image
+
+    from omniseg import io as omniseg_io
+
+    rng = np.random.default_rng(threads)
+    array = rng.integers(0, 256, (1300, 1100, 3), dtype=np.uint8)  # 4.3 MB: past the parallel threshold
+    array[:700] //= 9
+    assert array.nbytes >= omniseg_io._PARALLEL_BYTES
+    png = omniseg_io.encode_png(array, threads=threads)
+    assert png != omniseg_io.encode_png(array)  # the sliced stream really was taken
+    decoded = np.asarray(Image.open(_io.BytesIO(png)))
+    assert np.array_equal(decoded, array)
+    # zlib itself checks the joined stream end to end: header, every slice, the Adler-32
+    idat = png[png.index(b"IDAT") + 4 : png.index(b"IEND") - 8]
+    raw = zlib.decompress(idat)
+    assert len(raw) == array.shape[0] * (array.shape[1] * 3 + 1)
+
+
 def test_encode_png_refuses_what_it_cannot_write() -> None:
     from omniseg.io import encode_png
 

@@ -130,3 +130,21 @@ def test_to_semantic_in_a_narrow_dtype_equals_int64_and_refuses_ids_it_cannot_ho
         Segments((2, 3), [3, 300], id_map=id_map, segment_ids=[7, 14]).to_semantic(dtype=np.uint8)
     with pytest.raises(ValueError, match="do not fit uint8"):
         small_ids.to_semantic(void_value=-1, dtype=np.uint8)
+
+
+def test_boxes_of_an_id_map_equal_those_of_its_rle_masks() -> None:
+    """Boxes from the id map (two scatters) against pycocotools' toBbox of the same masks."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        h, w = (int(v) for v in rng.integers(1, 30, 2))
+        n = int(rng.integers(1, 7))
+        id_map = rng.integers(0, n + 1, (h, w)).astype(np.int32)  # 0: void
+        id_map[id_map == 2] = 0  # segment 2 is empty: its box is zeros
+        id_map[: h // 2, : w // 3][id_map[: h // 2, : w // 3] == 3] = 0  # one segment off a corner
+        seg = Segments((h, w), np.arange(1, n + 1), id_map=id_map, segment_ids=np.arange(1, n + 1))
+        masks = np.asfortranarray(np.stack([id_map == i for i in range(1, n + 1)], axis=2).astype(np.uint8))
+        xywh = mask_utils.toBbox(mask_utils.encode(masks)).reshape(-1, 4)
+        expected = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        np.testing.assert_array_equal(seg.boxes(), expected.astype(np.float32), err_msg=f"trial {trial}")

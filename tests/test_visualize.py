@@ -132,6 +132,26 @@ def test_overlapping_rle_segments_highest_score_on_top() -> None:
     assert [c.name for c in present_categories(no_table)] == ["2", "3"]
 
 
+def test_the_banded_blend_equals_a_per_pixel_blend_with_hundreds_of_colours() -> None:
+    """Past 85 colours a key x 768 no longer fits uint16: the table index must be computed wider."""
+    from omniseg.visualize import _render_keys
+
+    h, w, n = 40, 300, 240
+    rng = np.random.default_rng(5)
+    cats = CategoryTable.from_dicts([{"id": i + 1, "name": f"c{i}", "isthing": 1} for i in range(n)])
+    id_map = (np.arange(w)[None, :].repeat(h, 0) * n // w + 1).astype(np.int32)  # n vertical stripes
+    id_map[:5] = 0  # a void band, left as it is
+    seg = Segments((h, w), np.arange(1, n + 1), categories=cats, id_map=id_map)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    out = overlay(image, seg, view="panoptic", alpha=0.3, outlines=False, legend=False)
+    keys, color_of_key, _ = _render_keys(seg, "panoptic", cats)
+    assert len(color_of_key) > 86
+    a = np.float32(0.3)
+    expected = np.round(image * (1 - a) + color_of_key[keys].astype(np.float32) * a).astype(np.uint8)
+    expected[keys == 0] = image[keys == 0]
+    np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize("storage", ["id_map", "rle"])
 def test_large_image_many_segments_is_fast_and_lean(storage: str) -> None:
     """4000x3000 with 300 segments: seconds, and far below an (N, H, W) stack (3.6 GB)."""

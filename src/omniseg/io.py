@@ -114,14 +114,15 @@ def _umask() -> int:
     return mask
 
 
-def encode_png(array: np.ndarray, *, level: int = 1) -> bytes:
+def encode_png(array: np.ndarray, *, level: int = 1, threads: int = 1) -> bytes:
     """A PNG of an ``(H, W)`` grey, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA uint8 array.
 
     Written here rather than by Pillow because at 12 MP Pillow's encoder took 0.7 s (it tries
     every row filter per row): every row gets PNG's "Up" filter (the difference from the row
     above, one numpy subtraction) and zlib ``level`` (1: fast). On a 12-MP photo: 0.35 s and
     7.0 MB, against Pillow's 0.7 s and 7.7 MB at level 1. Any PNG reader reads them (tests decode
-    them with Pillow).
+    them with Pillow). ``threads`` > 1 compresses that many slices of a large image at once
+    (:func:`_deflate_in_parallel`).
     """
     import struct
     import zlib
@@ -144,7 +145,35 @@ def encode_png(array: np.ndarray, *, level: int = 1) -> bytes:
     channels = 1 if array.ndim == 2 else array.shape[2]
     color_type = {1: 0, 3: 2, 4: 6}[channels]  # grey, RGB, RGBA
     header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.data, level)) + chunk(b"IEND", b"")
+    data = _deflate_in_parallel(raw.data, level, threads) if threads > 1 and raw.nbytes >= _PARALLEL_BYTES else None
+    data = data or zlib.compress(raw.data, level)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+_PARALLEL_BYTES = 1 << 22  # below ~4 MB one zlib call is as fast as starting threads
+
+
+def _deflate_in_parallel(data: memoryview, level: int, threads: int) -> bytes:
+    """One zlib stream of ``data``, its slices compressed in ``threads`` threads (zlib lets go of
+    the GIL), joined as pigz joins them: each slice a raw deflate stream ended by a sync flush
+    (byte-aligned, not final) but the last, under one zlib header and the whole data's Adler-32.
+    Each slice starts without its predecessor's window: a few hundred bytes more in all."""
+    import struct
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    step = -(-len(data) // threads)
+    slices = [data[i : i + step] for i in range(0, len(data), step)]
+
+    def deflate(k: int) -> bytes:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15)  # raw deflate: no header or checksum
+        last = k == len(slices) - 1
+        return compressor.compress(slices[k]) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+    with ThreadPoolExecutor(len(slices)) as pool:
+        bodies = list(pool.map(deflate, range(len(slices))))
+    # header 0x78 0x01: deflate with a 32 KB window, no dictionary (the level bits are advisory)
+    return b"\x78\x01" + b"".join(bodies) + struct.pack(">I", zlib.adler32(data))
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:

@@ -410,14 +410,18 @@ class Segments:
             cached = getattr(self, "_boxes_cache", None)
             if cached is not None:
                 return cached.copy()
-            from scipy.ndimage import find_objects
-
-            boxes = np.zeros((len(self), 4), dtype=np.float32)
-            for i, found in enumerate(find_objects(self._index_map(), max_label=len(self))):
-                if found is not None:
-                    rows, cols = found
-                    boxes[i] = (cols.start, rows.start, cols.stop, rows.stop)
-            return boxes
+            # which rows and columns each segment touches, by two scatters over the index map
+            # (scipy.ndimage.find_objects did it, but importing it cost a one-image job 0.2-0.4 s)
+            index = self._index_map()
+            h, w = index.shape
+            in_row = np.zeros((len(self) + 1, h), dtype=bool)
+            in_row[index, np.arange(h)[:, None]] = True
+            in_col = np.zeros((len(self) + 1, w), dtype=bool)
+            in_col[index, np.arange(w)[None, :]] = True
+            in_row, in_col = in_row[1:], in_col[1:]
+            boxes = np.stack([in_col.argmax(1), in_row.argmax(1),
+                              w - in_col[:, ::-1].argmax(1), h - in_row[:, ::-1].argmax(1)], axis=1)  # fmt: skip
+            return np.where(in_row.any(1)[:, None], boxes, 0).astype(np.float32)
         xywh = np.asarray(mask_utils.toBbox(self.rles()), dtype=np.float32).reshape(-1, 4)
         return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
 
@@ -457,11 +461,15 @@ class Segments:
             categories=self.categories, scores=self.scores, iscrowd=self.iscrowd, segment_ids=self.segment_ids
         )
         if self._id_map is not None:
-            out = Segments((h, w), self.category_ids, id_map=self._id_map[rows[:, None], cols[None, :]], **common)
+
+            def gather(grid: np.ndarray) -> np.ndarray:  # two 1-D takes: 4x faster than grid[rows[:, None], cols]
+                return grid.take(cols, axis=1).take(rows, axis=0)
+
+            out = Segments((h, w), self.category_ids, id_map=gather(self._id_map), **common)
             # the index map resamples the same way, and gathering it is ~10x cheaper than
             # recomputing it from the large id map (a searchsorted per pixel)
             small = self._index_map()
-            out._index_cache = small[rows[:, None], cols[None, :]]
+            out._index_cache = gather(small)
             # areas carry over exactly: small pixel (r, c) becomes count(r) x count(c) pixels
             weights = np.outer(np.bincount(rows, minlength=small.shape[0]), np.bincount(cols, minlength=small.shape[1]))
             areas = np.bincount(small.ravel(), weights=weights.ravel(), minlength=len(self) + 1)[1:]
