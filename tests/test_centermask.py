@@ -214,6 +214,25 @@ def test_box_local_masks_pasted_equal_the_grid_assembly_upsampled():
         assert ours[outside].abs().max() < 1e-6  # nothing leaks out of the box
 
 
+def test_saliency_crops_of_each_box_own_class_equal_cropping_every_class():
+    """RoIAlign over each box's own class channel alone (channels as one-channel images) gives
+    exactly the crop of all channels at that channel, across images of a batch."""
+    from torchvision.ops import roi_align
+
+    torch.manual_seed(1)
+    model = _tiny_model(mask_mode="saliency").eval()
+    features = torch.randn(2, 16, 12, 18)
+    batch_index, channels = torch.tensor([0, 1, 1, 0]), torch.tensor([1, 0, 1, 1])
+    cell = torch.tensor([5, 40, 100, 7])
+    boxes = torch.tensor([[1.0, 1, 7, 6], [3.5, 2, 16, 11], [0, 0, 5.5, 4], [8, 3, 17.2, 11.9]])
+    with torch.no_grad():
+        ours = model.local_masks(features, batch_index, cell, channels, boxes)
+        saliency = model.saliency_head(features)
+        rois = torch.cat([batch_index[:, None].float(), boxes], 1)
+        every = roi_align(saliency, rois, ours.shape[-2:], spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    torch.testing.assert_close(ours, every[torch.arange(4), channels].sigmoid(), rtol=0, atol=1e-6)
+
+
 def test_post_process_gives_segments_at_the_input_size():
     torch.manual_seed(0)
     model = _tiny_model().eval()

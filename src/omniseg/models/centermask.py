@@ -451,10 +451,14 @@ class CenterMask(nn.Module):
             probs = probs * F.interpolate(shape, size=(m, m), mode="bilinear", align_corners=False)[:, 0].sigmoid()
         if self.saliency_head is not None:
             saliency = self.saliency_head(features)
-            rois = torch.cat([batch_index[:, None].to(boxes.dtype), boxes], 1)
-            crops = roi_align(saliency, rois, (m, m), spatial_scale=1.0, sampling_ratio=2, aligned=True)
             channel = channels if self.class_specific_saliency else torch.zeros_like(channels)
-            probs = probs * crops[torch.arange(len(cell), device=crops.device), channel].sigmoid()
+            # each box cropped from its own class's channel alone: the channels as images of one
+            # channel, the RoI's image index = image x C + class (8x less RoIAlign than all of them)
+            b, c = saliency.shape[:2]
+            planes = saliency.reshape(b * c, 1, *saliency.shape[2:])
+            rois = torch.cat([(batch_index * c + channel)[:, None].to(boxes.dtype), boxes], 1)
+            crops = roi_align(planes, rois, (m, m), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+            probs = probs * crops[:, 0].sigmoid()
         return probs
 
     # ---------------------------------------------------------------------------- public
