@@ -429,6 +429,19 @@ def test_one_training_step_reaches_every_parameter(name):
     assert all(torch.isfinite(p.grad).all() for p in trainable.values())
 
 
+@pytest.mark.parametrize("name", ["max_deeplab", "kmax_deeplab"])
+def test_the_auxiliary_semantic_head_runs_in_training_only(name):
+    model = _tiny_model(name)
+    calls = []
+    model.semantic_head.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    targets = [finalize_target(training_target(_panoptic_segments(64, 64, 0), CATEGORIES))]
+    assert "loss_semantic" in model.train()(torch.randn(1, 3, 64, 64), targets)
+    assert len(calls) == 1
+    with torch.no_grad():
+        outputs = model.eval()(torch.randn(1, 3, 64, 64))
+    assert len(calls) == 1 and set(outputs) == {"class_logits", "mask_logits"}
+
+
 def test_stacked_hourglass_decoder_trains():
     model = _tiny_model("max_deeplab", hourglasses=2).train()
     targets = [finalize_target(training_target(_panoptic_segments(64, 64, 0), CATEGORIES))]

@@ -142,7 +142,8 @@ class KMaXDeepLab(MaskIDModel):
     # ------------------------------------------------------------------------------ forward
     def decode(self, features: Sequence[Tensor]) -> dict[str, Any]:
         """Backbone maps ``[C4, C8, C16, C32]`` -> ``{"class_logits", "mask_logits", "pixel_embeddings",
-        "semantic_logits", "aux_outputs"}`` (maps at stride 4; one auxiliary output per k-means layer)."""
+        "aux_outputs"}`` and, in training, ``"semantic_logits"`` (maps at stride 4; one auxiliary output
+        per k-means layer)."""
         laterals = [proj(f) for proj, f in zip(self.projections, reversed(list(features)), strict=True)]
         x = self.pixel_levels[0](laterals[0])
         maps = [x]
@@ -156,7 +157,8 @@ class KMaXDeepLab(MaskIDModel):
             centres, prediction = layer(maps[i // self.layers_per_stage], centres)
             aux_outputs.append(prediction)
         outputs: dict[str, Any] = self.heads(pixel_space, centres)
-        outputs["semantic_logits"] = self.semantic_head(pixel_space)
+        if self.training:  # an auxiliary loss's head: inference segments from the masks alone
+            outputs["semantic_logits"] = self.semantic_head(pixel_space)
         outputs["aux_outputs"] = aux_outputs if self.deep_supervision else []
         return outputs
 

@@ -122,8 +122,9 @@ class MaskIDModel(nn.Module):
         self, images: Tensor | Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
     ) -> dict[str, Any]:
         """Training: the weighted losses (kMaX: also ``<name>_<i>`` for layer ``i``'s prediction).
-        Evaluation: ``{"class_logits" (B, N, C + 1), "mask_logits" (B, N, H/4, W/4),
-        "semantic_logits" (B, C, H/4, W/4)}``."""
+        Evaluation: ``{"class_logits" (B, N, C + 1), "mask_logits" (B, N, H/4, W/4)}``: the
+        auxiliary semantic head feeds a training loss only, so it does not run; every task's
+        result comes from the masks."""
         if not isinstance(images, Tensor):
             images = torch.stack(list(images))
         outputs = self.decode(self.backbone(images))
@@ -131,7 +132,7 @@ class MaskIDModel(nn.Module):
             if targets is None:
                 raise ValueError("training needs targets (see omniseg.data.targets.training_target)")
             return self.criterion(outputs, encode_mask_id_targets(targets, self.categories))
-        return {k: outputs[k] for k in ("class_logits", "mask_logits", "semantic_logits")}
+        return {k: outputs[k] for k in ("class_logits", "mask_logits")}
 
     def merge_test_time_views(
         self, views: Sequence[tuple[Mapping[str, Tensor], float, bool]], size: Sequence[int]
@@ -268,7 +269,7 @@ class MaXDeepLab(MaskIDModel):
 
     def decode(self, features: Sequence[Tensor]) -> dict[str, Tensor]:
         """Backbone maps ``[C4, C8, C16, C32]`` -> ``{"class_logits", "mask_logits",
-        "pixel_embeddings", "semantic_logits"}`` (maps at stride 4)."""
+        "pixel_embeddings"}`` and, in training, ``"semantic_logits"`` (maps at stride 4)."""
         laterals = [proj(f) for proj, f in zip(self.projections, reversed(list(features)), strict=True)]
         memory = self.memory[None].expand(laterals[0].shape[0], -1, -1)
         maps, memory = self._up(self.up_levels[0], laterals, memory)
@@ -279,7 +280,8 @@ class MaXDeepLab(MaskIDModel):
             maps, memory = self._up(up_levels, maps, memory)
         x = maps[-1]
         outputs = self.heads(x, memory)
-        outputs["semantic_logits"] = self.semantic_head(x)
+        if self.training:  # an auxiliary loss's head: inference segments from the masks alone
+            outputs["semantic_logits"] = self.semantic_head(x)
         return outputs
 
     # ------------------------------------------------------------------------- post-process
