@@ -4,8 +4,9 @@
                                             [--centermask CKPT --mask-rcnn CKPT]
 
 Both models are the ones their Cityscapes training configs build (``configs/cityscapes_{centermask,
-mask_rcnn}_lite0.yaml``: EfficientNet-Lite0 with ImageNet weights, Cityscapes' 8 things, the
-input's own resolution) after ``omniseg.optimize_for_inference``. Latency is image in -> instance
+mask_rcnn}_lite0.yaml``: EfficientNet-Lite0 with ImageNet weights, Cityscapes' 8 things; both at
+the input's own resolution, whatever the configs' ``min_size``) after
+``omniseg.optimize_for_inference``. Latency is image in -> instance
 ``Segments`` out (``omniseg.inference.predict_segments``: the forward pass, peak / box decoding,
 mask assembly and pasting, RLE encoding), batch 1. With untrained heads a detector's score
 threshold decides how many masks it makes, so both are held at exactly 100 detections per image
@@ -29,10 +30,10 @@ from omniseg.data.cityscapes_polygons import cityscapes_panoptic_categories
 from omniseg.inference import predict_segments
 
 CONFIGS = {
-    "CenterMask": ("configs/cityscapes_centermask_lite0.yaml", {}),
+    # both at the input's own size, whatever their configs' min_size
+    "CenterMask": ("configs/cityscapes_centermask_lite0.yaml", {"min_size": None, "max_size": 1333}),
     "Mask R-CNN": (
         "configs/cityscapes_mask_rcnn_lite0.yaml",
-        # at the input's own size like CenterMask, whatever the config's min_size
         {"box_score_thresh": 0.0, "box_detections_per_img": 100, "min_size": None, "max_size": 1333},
     ),
 }
@@ -52,6 +53,7 @@ def main() -> None:
     models = models_from_configs(CONFIGS, categories=categories)
     if args.centermask:
         models["CenterMask"] = trained_model(args.centermask)
+        models["CenterMask"].min_size, models["CenterMask"].max_size = None, 1333  # the input's own size
     if args.mask_rcnn:
         models["Mask R-CNN"] = trained_model(args.mask_rcnn)
         models["Mask R-CNN"].roi_heads.score_thresh = 0.0  # 100 detections, as CenterMask's 100 peaks
