@@ -145,8 +145,10 @@ def encode_png(array: np.ndarray, *, level: int = 1, threads: int = 1) -> bytes:
     channels = 1 if array.ndim == 2 else array.shape[2]
     color_type = {1: 0, 3: 2, 4: 6}[channels]  # grey, RGB, RGBA
     header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
-    data = _deflate_in_parallel(raw.data, level, threads) if threads > 1 and raw.nbytes >= _PARALLEL_BYTES else None
-    data = data or zlib.compress(raw.data, level)
+    if threads > 1 and raw.nbytes >= _PARALLEL_BYTES:
+        data = _deflate_in_parallel(raw.data, level, threads)
+    else:
+        data = zlib.compress(raw.data, level)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 

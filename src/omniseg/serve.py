@@ -152,12 +152,11 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     width, height = image.size
     if width * height > max_pixels or width == 0 or height == 0:
         image.close()
-    if width * height > max_pixels:
-        raise ServiceError(
-            413, f"image too large: {width}x{height} = {width * height / 1e6:.1f} megapixels, "
-            f"over the limit of {max_pixels / 1e6:g} megapixels",
-        )  # fmt: skip
-    if width == 0 or height == 0:
+        if width * height > max_pixels:
+            raise ServiceError(
+                413, f"image too large: {width}x{height} = {width * height / 1e6:.1f} megapixels, "
+                f"over the limit of {max_pixels / 1e6:g} megapixels",
+            )  # fmt: skip
         raise ServiceError(400, f"empty image: {width}x{height} pixels")
     return image
 
@@ -263,8 +262,8 @@ class ModelWorker:
     segment's mean score differed by 6e-8 in a batch of 4).
 
     A job's image is decoded, and its answer encoded, in this thread between model calls, not in a
-    thread pool beside them: queued jobs hold the compressed upload rather than its pixels (32
-    queued 12-MP photos: ~100 MB of JPEG instead of 1.2 GB decoded), and the few milliseconds of
+    thread pool beside them: queued jobs hold the compressed upload rather than its pixels (a
+    12-MP photo is 36 MB decoded, a few MB as a JPEG), and the few milliseconds of
     each (decoding ~5 ms, the JSON ~3 ms for a 480x360 frame) do not compete with the model's
     threads, which use every core.
     """
@@ -295,7 +294,7 @@ class ModelWorker:
         load: Callable[[], np.ndarray],
         task: str,
         score_thresh: float | None,
-        answer: Callable[[np.ndarray, Segments], Any] = lambda image, segments: segments,
+        answer: Callable[[np.ndarray, Segments], Any],
     ) -> concurrent.futures.Future:
         """Queue one image; the future gets ``answer(image, segments)`` (segments at the image's
         size), or the exception ``load``, the model or ``answer`` raised. ``load`` returns the
@@ -516,7 +515,7 @@ def _load_without_a_thread_team(models: Sequence[Predictor | str]) -> list[Predi
     it stops spinning between parallel regions: had this thread (the event loop's) run the
     loading's operators on two threads, its idle team would have made the model thread's team
     sleep and wake at every operator. Measured on 2 cores, the CamVid model in a worker thread:
-    0.43 s a call, its second thread 74% busy, against 0.39 s and 99% with no team here.
+    0.43 s a call, its second thread 74% busy, against 0.40 s and 99% with no team here.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
