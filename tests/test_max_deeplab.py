@@ -29,7 +29,13 @@ from omniseg.models import build_model
 from omniseg.models.layers.axial_attention import AxialAttention, relative_index
 from omniseg.models.layers.dual_path_transformer import DualPathTransformerLayer
 from omniseg.models.layers.kmeans_attention import kmeans_assignment
-from omniseg.models.layers.mask_id_inference import mask_id_panoptic_inference, merge_mask_id_views
+from omniseg.models.layers.mask_id_inference import (
+    mask_id_panoptic_inference,
+    max_over_slots,
+    merge_mask_id_views,
+    upsampled_mask_id,
+)
+from omniseg.optimize import optimize_for_inference
 from omniseg.structures import CategoryTable, Segments
 
 CATEGORIES = CategoryTable.from_dicts(
@@ -492,6 +498,72 @@ def test_mask_id_inference_rules():
     id_map, info = seg.to_panoptic()
     assert id_map.tolist() == [[1, 2, 2, 0]]
     assert [s["category_id"] for s in info] == [1, 100]
+
+
+@pytest.mark.parametrize("source, size", [((20, 30), (80, 120)), ((7, 9), (25, 37)), ((8, 8), (5, 3))])
+@pytest.mark.parametrize("spread", [3.0, 300.0])  # 300: most exps underflow (the clamp at -80)
+def test_banded_mask_id_reductions_equal_the_full_size_computation(source, size, spread):
+    """The banded resize-and-reduce equals resizing all N maps to the image and reducing them:
+    the best slot overall, the best kept slot (by logit: where the kept slots' probabilities all
+    underflow to 0 it is still the most likely one) and its softmax probability."""
+    logits = torch.randn(12, *source, generator=torch.Generator().manual_seed(0)) * spread
+    full = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+    prob = full.softmax(0)
+    top_slot = full.argmax(0)
+    top_prob = prob.amax(0)
+    kept = torch.tensor([1, 4, 5, 11])
+    best = full[kept].argmax(0)
+    kept_prob = prob[kept].amax(0)
+    tolerance = 1e-6 * spread  # the logits' own float32 rounding (the two resize passes round apart)
+    got_top, got_owner, got_prob = upsampled_mask_id(logits, size, kept, band_rows=4)
+    assert torch.equal(got_top, top_slot) and torch.equal(got_owner, kept[best])
+    torch.testing.assert_close(got_prob, kept_prob, rtol=tolerance, atol=tolerance)
+    got_top, got_owner, got_prob = upsampled_mask_id(logits, size, band_rows=3)
+    assert torch.equal(got_top, top_slot) and torch.equal(got_owner, top_slot)
+    torch.testing.assert_close(got_prob, top_prob, rtol=tolerance, atol=tolerance)
+
+
+def test_max_over_slots_is_torch_max_with_the_first_of_tied_slots():
+    x = torch.randint(0, 3, (3, 9, 7), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    values, slots = max_over_slots(x)
+    expected_values, expected_slots = x.max(1)
+    assert torch.equal(values, expected_values) and torch.equal(slots, expected_slots)
+    assert (slots == torch.argmax((x == x.amax(1, keepdim=True)).int(), 1)).all()  # the first maximum
+    x[0, :, 0] = float("nan")
+    assert 0 <= int(max_over_slots(x)[1][0, 0]) < 9  # no index out of range
+
+
+@pytest.mark.parametrize("name", ["max_deeplab", "kmax_deeplab"])
+def test_the_folded_decoder_copy_computes_the_plain_outputs(name):
+    """optimize_for_inference runs the decoder as a copy with its batch norms folded (channels-last
+    features): the same outputs as the model as built, rebuilt when a weight changes."""
+    model = _tiny_model(name).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # statistics away from the identity, so that folding has work to do
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=generator) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+    images = torch.randn(1, 3, 64, 80, generator=generator)
+    with torch.no_grad():
+        plain = model(images)
+        optimize_for_inference(model)
+        fast = model(images)
+    copy = model.inference_decoder.get(model)
+    batchnorms = [m for m in copy.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert copy is not model and len(batchnorms) < sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in copy.heads.pixel_head.modules())
+    for key in ("class_logits", "mask_logits"):
+        torch.testing.assert_close(fast[key], plain[key], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        model.heads.class_head[0].bias.add_(1.0)
+        changed = model(images)
+        optimize_for_inference(model, fold_batchnorm=False)
+        assert model.inference_decoder is None
+        expected = model(images)
+    torch.testing.assert_close(changed["class_logits"], expected["class_logits"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(changed["class_logits"], plain["class_logits"])
 
 
 def test_test_time_views_merge_per_slot():

@@ -4,8 +4,8 @@ The cross-attention from queries to pixels becomes a k-means step: each pixel is
 cluster centre (argmax over the ``N`` centres of the current mask logits, one-hot) and each centre
 adds its pixels' values (:mod:`omniseg.models.layers.kmeans_attention`)::
 
-    backbone C4..C32 -> pixel decoder (1x1 projections; axial blocks at strides 32 and 16, conv
-                        blocks at 8 and 4; bilinear up + sum)  -> F32, F16, F8, F4
+    backbone C4..C32 -> pixel decoder (1x1 projections; axial blocks at strides 32 and 16,
+                        bottleneck blocks at 8 and 4; bilinear up + sum)  -> F32, F16, F8, F4
     transformer decoder: ``layers_per_stage`` k-means layers on each of F32, F16, F8 (deeplab2: 2
                          each, 6 in all), every layer predicting on its own map (deeplab2's kMaX
                          predictor; deep supervision: the predictions resized to stride 4, scored
@@ -38,8 +38,8 @@ from omniseg.models.layers.mask_id_inference import (
     panoptic_to_task,
 )
 from omniseg.models.max_deeplab import (
+    BottleneckBlock,
     MaskIDModel,
-    conv_block,
     projection,
     resize_to,
     resolve_classes,
@@ -99,14 +99,9 @@ class KMaXDeepLab(MaskIDModel):
         width = decoder_channels
         self.projections = nn.ModuleList(projection(c, width) for c in reversed(backbone.channels))
         axial = dict(width=width // 2, num_heads=num_heads, span=axial_span)
-        # pixel decoder levels at strides 32, 16 (axial attention), 8, 4 (convolutions)
+        # pixel decoder levels at strides 32, 16 (axial attention), 8, 4 (bottlenecks), as deeplab2
         self.pixel_levels = nn.ModuleList(
-            [
-                AxialBlock(width, **axial),
-                AxialBlock(width, **axial),
-                conv_block(width, width),
-                conv_block(width, width),
-            ]
+            [AxialBlock(width, **axial), AxialBlock(width, **axial), BottleneckBlock(width), BottleneckBlock(width)]
         )
         self.centres = nn.Parameter(torch.randn(num_queries, memory_channels))
         self.layers = nn.ModuleList(

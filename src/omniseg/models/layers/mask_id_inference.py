@@ -33,7 +33,7 @@ from torch import Tensor
 
 from omniseg.structures import CategoryTable, Segments
 
-__all__ = ["mask_id_panoptic_inference", "merge_mask_id_views", "panoptic_to_task"]
+__all__ = ["mask_id_panoptic_inference", "merge_mask_id_views", "max_over_slots", "panoptic_to_task", "upsampled_mask_id"]
 
 
 def mask_id_panoptic_inference(
@@ -77,20 +77,10 @@ def mask_id_panoptic_inference(
         if not kept.any():
             results.append(Segments.empty(size, categories=categories))
             continue
-        logits = F.interpolate(
-            image_mask_logits[None].float(), size=size, mode="bilinear", align_corners=False
-        )[0]
         n = len(confidence)
-        mask_prob = logits.softmax(0)  # over all N slots
-        # one pass over all slots gives kMaX's argmax masks; the kept slots' best only needs another
-        # when some slots were dropped, and then over those kept alone (no masked (N, H, W) copy)
-        top_prob, top_slot = mask_prob.max(0)
-        if bool(kept.all()):
-            prob, owner = top_prob, top_slot
-        else:
-            kept_slots = kept.nonzero().squeeze(1)
-            prob, best = mask_prob.index_select(0, kept_slots).max(0)
-            owner = kept_slots[best]
+        top_slot, owner, prob = upsampled_mask_id(
+            image_mask_logits.float(), size, None if bool(kept.all()) else kept.nonzero().squeeze(1)
+        )
         owned = prob >= pixel_thresh
         won = torch.bincount(owner[owned], minlength=n)
         if overlap_thresh > 0:  # kMaX: a slot must keep most of its own argmax mask
@@ -135,6 +125,73 @@ def mask_id_panoptic_inference(
             )
         )
     return results
+
+
+def bilinear_row_weights(source: int, target: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows ``(lower, upper, upper_weight)`` that bilinear resizing (``align_corners=False``) of
+    ``source`` rows to ``target`` blends for each output row: PyTorch's own source-index rule."""
+    scale = source / target
+    position = ((torch.arange(target, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0)
+    lower = position.long().clamp_max(source - 1)
+    upper = (lower + 1).clamp_max(source - 1)
+    return lower, upper, position - lower
+
+
+def max_over_slots(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x.max(1)`` of a ``(b, N, W)`` band — the maxima and the first slot that holds each — in
+    a third of its time on CPU: ``amax`` is vectorised where max-with-index is not, and the first
+    slot equal to the maximum (``x == max`` exactly where ``x`` is a maximum) is found as the
+    largest of descending uint8 ranks on those slots."""
+    n = x.shape[1]
+    top = x.amax(1)
+    if n > 255 or not x.is_floating_point():  # ranks must fit in uint8
+        return top, x.argmax(1)
+    ranks = torch.arange(n, 0, -1, dtype=torch.uint8, device=x.device).view(1, n, 1)
+    first = (x == top[:, None]).view(torch.uint8).mul_(ranks).amax(1)
+    # no slot equals a NaN maximum: give it the last slot rather than an index out of range
+    return top, (n - first.long()).clamp_(max=n - 1)
+
+
+def upsampled_mask_id(
+    mask_logits: Tensor, size: tuple[int, int], kept_slots: Tensor | None = None, band_rows: int = 16
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-pixel mask-ID reductions of ``mask_logits (N, h, w)`` resized bilinearly to ``size``:
+    ``(top_slot, owner, prob)`` — each pixel's best slot among all, its best among ``kept_slots``
+    (all when None) and that slot's mask-ID probability (softmax over all N slots).
+
+    Equal to resizing the N maps to full size and reducing them, but the full-size ``(N, H, W)``
+    stack (100 x 640 x 1280 floats: 330 MB, written and read three times) never exists: columns are
+    resized once at stride-4 height, then bands of ``band_rows`` output rows are blended from their
+    two source rows and reduced while they are still in cache (written by hand because no library op
+    fuses a resize with a reduction over channels)."""
+    height, width = size
+    n, h, _ = mask_logits.shape
+    # columns resized by 1-D linear interpolation of the rows laid out (h, N, w): the same weights as
+    # the 2-D resize's horizontal pass, and a band's source rows are then whole contiguous blocks
+    columns = F.interpolate(mask_logits.transpose(0, 1).contiguous(), size=width, mode="linear", align_corners=False)
+    lower, upper, weight = bilinear_row_weights(h, height, mask_logits.device)
+    top_slot = torch.empty((height, width), dtype=torch.long, device=mask_logits.device)
+    owner = top_slot if kept_slots is None else torch.empty_like(top_slot)
+    prob = torch.empty((height, width), dtype=mask_logits.dtype, device=mask_logits.device)
+    band = columns.new_empty((band_rows, n, width))
+    upper_rows = torch.empty_like(band)
+    for start in range(0, height, band_rows):
+        rows = slice(start, min(start + band_rows, height))
+        b = rows.stop - rows.start
+        t = weight[rows, None, None]
+        blend = torch.index_select(columns, 0, lower[rows], out=band[:b]).mul_(1 - t)
+        blend.addcmul_(torch.index_select(columns, 0, upper[rows], out=upper_rows[:b]), t.expand_as(blend))
+        top, top_slot[rows] = max_over_slots(blend)
+        if kept_slots is None:
+            best = top.clone()
+        else:
+            best, index = max_over_slots(blend.index_select(1, kept_slots))
+            owner[rows] = kept_slots[index]
+        # softmax's denominator, shifted by the maximum; below -80 a term is < 2e-35 of the top's (no
+        # float32 sum can notice) and its exp would be subnormal, which costs x86 ten times a normal one
+        total = blend.sub_(top[:, None]).clamp_(min=-80.0).exp_().sum(1)
+        torch.div(best.sub_(top).clamp_(min=-80.0).exp_(), total, out=prob[rows])
+    return top_slot, owner, prob
 
 
 def panoptic_to_task(panoptic: Sequence[Segments], task: str) -> list[Segments]:
