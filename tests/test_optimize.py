@@ -331,6 +331,41 @@ def test_roi_helpers_fallback(detector_pair, coco_image, monkeypatch, how):
     assert ROI_HELPERS.get() is None
 
 
+def test_efficientnet_lite_runs_channels_last_once_optimized():
+    """The Lite0 backbone runs on NHWC tensors after optimize_for_inference (the same features,
+    returned as NCHW), and so does a detector's backbone copy."""
+    from omniseg.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("efficientnet_lite0").eval()
+    with torch.no_grad():
+        for m in backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    seen = []
+    backbone.stem.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    x = torch.randn(1, 3, 97, 131)
+    with torch.inference_mode():
+        plain = backbone(x)
+        fast = optimize_for_inference(backbone)(x)
+        again = optimize_for_inference(backbone, channels_last=False)(x)
+    assert seen == [False, True, False]
+    for p, f, a in zip(plain, fast, again, strict=True):
+        assert f.is_contiguous() and f.shape == p.shape
+        scale = max(1.0, p.abs().max().item())
+        assert (f - p).abs().max().item() <= 1e-4 * scale and (a - p).abs().max().item() <= 1e-4 * scale
+
+    model = build_model({"name": "mask_rcnn", "backbone": "efficientnet_lite0", "num_classes": 5})
+    optimize_for_inference(model)
+    copy_ = model.inference_backbone.get(model.backbone)
+    assert not isinstance(copy_, MkldnnLayout) and copy_.fast
+    optimize_for_inference(model, channels_last=False)
+    assert not model.inference_backbone.get(model.backbone).fast
+
+
 def test_every_private_op_has_a_fallback_test():
     """A new PrivateOp needs its fallback test here."""
     tested = {FUSED_CONV, NNPACK_CONV, MKLDNN_REORDER, VERSION_COUNTER, ROI_HELPERS}

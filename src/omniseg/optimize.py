@@ -10,7 +10,7 @@ option               what it switches on (and where)
 ==================== ======================================================================
 ``fold_batchnorm``   BatchNorm folded into the preceding convolution: every
                      :class:`~omniseg.models.layers.conv.ConvBNAct` (DeepLab, EfficientNet-Lite),
-                     and the detectors' backbone copy
+                     the detectors' backbone copy and the mask-ID models' decoder copy
 ``fused_conv``       conv + ReLU/ReLU6 of a folded ``ConvBNAct`` as one oneDNN kernel (CPU)
 ``mkldnn_layout``    detectors (Mask R-CNN, RetinaNet, Panoptic FPN): the backbone runs as a
                      cached, folded copy kept in oneDNN's blocked layout with pre-packed weights
@@ -19,6 +19,8 @@ option               what it switches on (and where)
                      Winograd (~1e-5 relative differences in the features)
 ``class_only_masks`` Mask R-CNN: the mask predictor computes the detected class's logits only
 ``threaded_roi_align`` Mask R-CNN: RoIAlign spreads the RoIs over the intra-op threads
+``channels_last``    EfficientNet-Lite backbones run on NHWC tensors (features returned as NCHW);
+                     their detectors' backbone copy then keeps that instead of oneDNN's layout
 ==================== ======================================================================
 
 An option left at ``None`` takes the model's own default (``model.inference_defaults``; detector
@@ -52,6 +54,7 @@ INFERENCE_OPTIONS = (
     "winograd",
     "class_only_masks",
     "threaded_roi_align",
+    "channels_last",
 )
 
 ModelT = TypeVar("ModelT", bound="nn.Module")
@@ -87,6 +90,7 @@ def optimize_for_inference(
     winograd: bool | None = None,
     class_only_masks: bool | None = None,
     threaded_roi_align: bool | None = None,
+    channels_last: bool | None = None,
 ) -> ModelT:
     """Switch ``model``'s fast CPU inference paths on (in place; returns ``model``, in eval mode).
 
@@ -107,6 +111,7 @@ def optimize_for_inference(
             "winograd": winograd,
             "class_only_masks": class_only_masks,
             "threaded_roi_align": threaded_roi_align,
+            "channels_last": channels_last,
         },
     )
     model.eval()
@@ -131,6 +136,13 @@ def optimize_for_inference(
                 "winograd": options["winograd"],
             }
             m.inference_backbone = InferenceCopy(**copy_options) if any(copy_options.values()) else None
+        # a mask-ID model (MaX-DeepLab, kMaX-DeepLab) runs a folded copy of itself for its decoder
+        if hasattr(m, "inference_decoder"):
+            from omniseg.models.max_deeplab import decode_image
+
+            m.inference_decoder = (
+                InferenceCopy(fold=True, mkldnn=False, gemm=False, winograd=False, run=decode_image) if fold else None
+            )
     configure_fast_convs(model, gemm=options["gemm_1x1"], winograd=options["winograd"])
     model.inference_options = options
     return model

@@ -44,6 +44,7 @@ import copy
 import itertools
 import sys
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -403,7 +404,8 @@ class InferenceCopy:
     or, where that layout does not apply (a layer without oneDNN-layout support), with
     :class:`FastConv2d` convolutions (GEMM 1x1 if ``gemm``, Winograd 3x3 if ``winograd``). Each step
     is checked against the original module on a small input and skipped if it changes the outputs
-    beyond rounding or fails.
+    beyond rounding or fails: a ``check_size`` square image, passed as ``run(module, image)``
+    (default ``module(image)``; e.g. a whole model's decoder checked on its backbone's features).
 
     Not an ``nn.Module`` on purpose: held outside the module tree, it stays out of the state dict,
     ``.to()`` and ``.parameters()``; the weight signature check notices device moves and in-place
@@ -419,8 +421,10 @@ class InferenceCopy:
         mkldnn: bool = True,
         gemm: bool = True,
         check_size: int = 64,
+        run: Callable[[nn.Module, Tensor], object] | None = None,
     ) -> None:
         self.fold = fold
+        self.run = run
         self.winograd = winograd
         self.mkldnn = mkldnn
         self.gemm = gemm
@@ -455,14 +459,15 @@ class InferenceCopy:
         x = x.to(device=param.device, dtype=param.dtype)
         was_training = module.training
         module.eval()
+        run = self.run or (lambda m, image: m(image))
         try:
-            expected = _flatten(module(x))
+            expected = _flatten(run(module, x))
         finally:
             module.train(was_training)
 
         def same(candidate: nn.Module) -> bool:
             try:
-                got = _flatten(candidate(x))
+                got = _flatten(run(candidate, x))
             except Exception:  # e.g. an op without oneDNN-layout support: not this copy
                 return False
             return len(got) == len(expected) and all(
@@ -482,13 +487,22 @@ class InferenceCopy:
             and param.dtype == torch.float32
             and torch.backends.mkldnn.is_available()
         )
-        if self.mkldnn and usable:
+        if self.mkldnn and usable and not _runs_channels_last(fast):
             candidate = to_mkldnn_layout(fast, winograd=self.winograd)
             if same(candidate):
                 return candidate
         fast = to_fast_convs(fast)
         configure_fast_convs(fast, gemm=self.gemm, winograd=self.winograd)
         return fast
+
+
+def _runs_channels_last(module: nn.Module) -> bool:
+    """Whether a part of ``module`` runs on NHWC tensors (``optimize_for_inference``'s
+    ``channels_last``), which is faster than oneDNN's blocked layout for it: keep that."""
+    return any(
+        getattr(type(m), "inference_option", None) == "channels_last" and getattr(m, "fast", False)
+        for m in module.modules()
+    )
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
