@@ -47,9 +47,15 @@ def test_deeplabv3_resnet50_matches_torchvision() -> None:
     assert (actual - expected).abs().max().item() <= 1e-4
     # post_process: the per-pixel argmax as category ids (here the class indices), scored by confidence
     (segments,) = ours.post_process(actual, [(129, 161)])
-    assert np.array_equal(segments.to_semantic(), expected.argmax(1)[0].numpy())
-    confidence = expected.softmax(1).max(1).values[0].numpy()
-    label = expected.argmax(1)[0].numpy()
+    label = actual.argmax(1)[0].numpy()
+    assert np.array_equal(segments.to_semantic(), label)
+    # and torchvision's labels wherever its top two logits are further apart than the 1e-4 allowed
+    # above (closer ones may swap with the thread count's summation order)
+    top2 = expected.topk(2, dim=1).values[0]
+    clear = ((top2[0] - top2[1]) > 2e-4).numpy()
+    assert clear.mean() > 0.99
+    assert np.array_equal(label[clear], expected.argmax(1)[0].numpy()[clear])
+    confidence = actual.softmax(1).max(1).values[0].numpy()
     for cat, score in zip(segments.category_ids, segments.scores, strict=True):
         assert score == pytest.approx(confidence[label == cat].mean(), rel=1e-5)
 
