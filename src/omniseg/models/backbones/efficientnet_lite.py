@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniseg.models.backbones import (
+from omniseg.models.backbones.registry import (
     Backbone,
     PretrainedWeightsUnavailable,
     load_weights_file,

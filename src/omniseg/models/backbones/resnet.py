@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from omniseg.models.backbones import (
+from omniseg.models.backbones.registry import (
     Backbone,
     PretrainedWeightsUnavailable,
     load_weights_file,

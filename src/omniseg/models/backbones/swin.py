@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from omniseg.models.backbones import Backbone
+from omniseg.models.backbones.registry import Backbone
 
 __all__ = ["SwinBackbone", "padded_then_shifted_attention"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from omniseg.models.backbones import Backbone, PretrainedWeightsUnavailable
+from omniseg.models.backbones.registry import Backbone, PretrainedWeightsUnavailable
 
 NOMINAL_STRIDES = (4, 8, 16, 32)
 
