@@ -9,10 +9,14 @@ the first process's start to the last one's exit, so model loading and Ray's sta
 
 * single: one process, 1 torch thread (``OMP_NUM_THREADS=1``);
 * shard x2: ``--shard 0/2`` and ``--shard 1/2`` run concurrently into one folder, 1 thread each;
-* ray x2: ``--engine ray --workers 2 --threads-per-worker 1`` (a local 2-CPU Ray cluster).
+* ray x2: ``--engine ray --workers 2 --threads-per-worker 1`` (a local 2-CPU Ray cluster, started
+  and stopped by the job: its start-up is counted);
+* ray x2, running cluster: the same with ``--address auto`` against a cluster that
+  ``ray start --head --num-cpus 2`` started before the clock (and ``ray stop`` ends after it), as a
+  job on an existing cluster runs: Ray's own start is not counted, the actors' start still is.
 
 Every run must write every image's label PNG, byte-identical to the single-process run's. Prints a
-markdown table and, last, ``result: ratio_shard2=... ratio_ray2=...`` (images/s over single's;
+markdown table and, last, ``result: ratio_shard2=... ratio_ray2=... ratio_ray2_cluster=...`` (images/s over single's;
 the goal on an otherwise idle machine with 2+ cores is >= 1.8).
 """
 
@@ -43,6 +47,17 @@ def run(commands: list[list[str]]) -> float:
     return seconds
 
 
+def ray_cluster(command: str) -> None:
+    """``ray start --head`` / ``ray stop`` for the running-cluster row (outside the timed span)."""
+    ray = Path(sys.executable).with_name("ray")
+    args = [str(ray), command]
+    if command == "start":
+        args += ["--head", "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"]
+    result = subprocess.run(args, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"ray {command} exited with {result.returncode}:\n{result.stderr}")
+
+
 def labels(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.glob("*_labels.png")}
 
@@ -61,21 +76,30 @@ def main() -> None:
         tmp = Path(tmp)
         manifest = tmp / "images.txt"
         manifest.write_text("".join(f"{p.resolve()}\n" for p in images), encoding="utf-8")
+        ray = ["--engine", "ray", "--workers", "2", "--threads-per-worker", "1"]
         segment = [sys.executable, "-m", "omniseg", "segment", str(manifest), "--model", args.model, "--quiet"]
         runs = {
             "single": [[*segment, "--out", str(tmp / "single")]],
             "shard x2": [[*segment, "--out", str(tmp / "shard"), "--shard", f"{i}/2"] for i in range(2)],
-            "ray x2": [[*segment, "--out", str(tmp / "ray"), "--engine", "ray", "--workers", "2", "--threads-per-worker", "1"]],
+            "ray x2": [[*segment, "--out", str(tmp / "ray"), *ray]],
+            "ray x2, running cluster": [[*segment, "--out", str(tmp / "ray_cluster"), *ray, "--address", "auto"]],
         }
-        layout = {"single": (1, 1), "shard x2": (2, 1), "ray x2": (2, 1)}
+        layout = {"single": (1, 1), "shard x2": (2, 1), "ray x2": (2, 1), "ray x2, running cluster": (2, 1)}
         seconds = {}
         for name, commands in runs.items():
-            seconds[name] = run(commands)
+            if name == "ray x2, running cluster":
+                ray_cluster("start")
+                try:
+                    seconds[name] = run(commands)
+                finally:
+                    ray_cluster("stop")
+            else:
+                seconds[name] = run(commands)
             print(f"{name}: {seconds[name]:.1f} s", file=sys.stderr, flush=True)
         reference = labels(tmp / "single")
         if len(reference) != len(images):
             raise SystemExit(f"single wrote {len(reference)} label PNGs for {len(images)} images")
-        for name, folder in (("shard x2", "shard"), ("ray x2", "ray")):
+        for name, folder in (("shard x2", "shard"), ("ray x2", "ray"), ("ray x2, running cluster", "ray_cluster")):
             if labels(tmp / folder) != reference:
                 raise SystemExit(f"{name}: label PNGs differ from the single-process run's")
 
@@ -87,7 +111,8 @@ def main() -> None:
     for name in runs:
         workers, threads = layout[name]
         print(f"| {name} | {workers} | {threads} | {seconds[name]:.1f} | {rate[name]:.2f} | {rate[name] / rate['single']:.2f}x |")
-    print(f"result: ratio_shard2={rate['shard x2'] / rate['single']:.2f} ratio_ray2={rate['ray x2'] / rate['single']:.2f}")
+    print(f"result: ratio_shard2={rate['shard x2'] / rate['single']:.2f} ratio_ray2={rate['ray x2'] / rate['single']:.2f} "
+          f"ratio_ray2_cluster={rate['ray x2, running cluster'] / rate['single']:.2f}")
 
 
 if __name__ == "__main__":
