@@ -30,7 +30,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -48,6 +50,7 @@ from omniseg.engine.module import SegmentationTask
 from omniseg.inference import TestTimeAugmentation
 from omniseg.io import atomic_path, atomic_write_json
 from omniseg.models import attach_categories, build_model, model_arguments
+from omniseg.structures import CategoryTable
 
 
 def class_weights_from_labels(train_set: TrainingSet, num_classes: int) -> list[float]:
@@ -251,6 +254,23 @@ def _validation_tta(train_cfg: dict) -> TestTimeAugmentation:
     return TestTimeAugmentation(flip=bool(train_cfg.get("val_flip", False)), scales=tuple(scales))
 
 
+def model_config_for(model_cfg: Mapping[str, Any], categories: CategoryTable) -> tuple[dict, bool]:
+    """A config's ``model`` section as its builder takes it: the training set's ``categories`` (or
+    their count) filled in unless the config gives them, and ``class_weights: auto`` set to None
+    for a first build -- the weights come from the training labels, which the caller reads with
+    what that model needs. Returns the section and whether the weights are ``auto``."""
+    model_cfg = dict(model_cfg)
+    if "categories" in model_arguments(model_cfg["name"]):
+        if "categories" not in model_cfg and "num_classes" not in model_cfg:
+            model_cfg["categories"] = categories.to_dicts()
+    else:
+        model_cfg.setdefault("num_classes", len(categories))
+    auto_weights = model_cfg.get("class_weights") == "auto"
+    if auto_weights:
+        model_cfg["class_weights"] = None
+    return model_cfg, auto_weights
+
+
 def build_training(config: dict) -> tuple[L.Trainer, SegmentationTask, DataLoader, DataLoader | None, Path]:
     data_cfg = config.get("data", {})
     train_cfg = config.get("train", {})
@@ -261,14 +281,7 @@ def build_training(config: dict) -> tuple[L.Trainer, SegmentationTask, DataLoade
 
     train_ds = open_dataset(data_cfg["train"])
     categories = train_ds.categories
-    if "categories" in model_arguments(model_cfg["name"]):
-        if "categories" not in model_cfg and "num_classes" not in model_cfg:
-            model_cfg["categories"] = categories.to_dicts()
-    else:
-        model_cfg.setdefault("num_classes", len(categories))
-    auto_weights = model_cfg.get("class_weights") == "auto"
-    if auto_weights:
-        model_cfg["class_weights"] = None
+    model_cfg, auto_weights = model_config_for(model_cfg, categories)
     model = build_model(model_cfg)
     # models that learn from the semantic map alone say so; the rest get every segment's mask
     with_segments = any(f in SEGMENT_FIELDS for f in getattr(model, "target_fields", SEGMENT_FIELDS))
